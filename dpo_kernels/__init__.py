@@ -1,0 +1,23 @@
+"""dpo_kernels: fused, memory-lean log-probabilities and losses for DPO-family preference training.
+
+    import dpo_kernels as dk
+    out = dk.sequence_logps(logits, labels, shift=True)   # out.logps: [S] per-sequence log-probs
+
+See README.md for the design, and `python -m dpo_kernels.info` for what is usable on this machine.
+"""
+
+from . import reference
+from .backends.availability import BackendUnavailableError, available_backends
+from .outputs import LogpsOutput
+from .sequence_logps import sequence_logps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "LogpsOutput",
+    "available_backends",
+    "reference",
+    "sequence_logps",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Leaf layer: kernel launchers (Triton, the C++/CUDA extension) and backend availability."""

@@ -1,0 +1,83 @@
+"""The plain PyTorch oracle: what people compute today, written for clarity, not speed.
+
+Every backend of dpo_kernels is tested against these functions run in float64, and the benchmarks
+use them (in float32, as trainers do) as the baseline. This module imports nothing from the rest
+of the package, so it stays an independent check.
+
+Memory: `token_logps` materialises `log_softmax(logits.to(compute_dtype))`, an `[S, T, V]` tensor in
+the compute dtype (plus autograd's copies in backward). That cost is exactly what the fused kernels
+remove.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class ReferenceLogps(NamedTuple):
+    logps: torch.Tensor  # [S] compute dtype
+    num_tokens: torch.Tensor  # [S] int64
+    token_logps: torch.Tensor  # [S, T] compute dtype, 0 at masked positions
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """HF-style shift: position t is trained on labels[..., t + 1]; the last position has no target."""
+    pad = torch.full_like(labels[..., :1], ignore_index)
+    return torch.cat([labels[..., 1:], pad], dim=-1)
+
+
+def token_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """log softmax(logits)[target] per position, 0 where the target is ignore_index.
+
+    `logits` is `[S, T, V]` or `[N, V]`, `labels` its shape without V. With `shift=True` the target
+    of position t is labels[..., t + 1] (HF-style unshifted labels). Differentiable.
+    """
+    targets = shift_labels(labels, ignore_index) if shift else labels
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    logprobs = torch.log_softmax(logits.to(compute_dtype), dim=-1)
+    picked = logprobs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    average: bool = False,
+    token_weights: Optional[torch.Tensor] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> ReferenceLogps:
+    """Per-sequence sums (or means over unmasked tokens) of weighted token log-probs.
+
+    A 2-D `[N, V]` input is one sequence (logps `[1]`, token_logps `[N]`). `token_weights` is shaped like `labels` and weighs the
+    log-prob of the label at the same index (so with `shift=True`, position t is weighted by
+    token_weights[..., t + 1]). A sequence with no unmasked token gets logps 0 and num_tokens 0.
+    """
+    unbatched = logits.dim() == 2
+    if unbatched:
+        logits, labels = logits.unsqueeze(0), labels.unsqueeze(0)
+        token_weights = None if token_weights is None else token_weights.unsqueeze(0)
+    per_token = token_logps(logits, labels, ignore_index=ignore_index, shift=shift, compute_dtype=compute_dtype)
+    targets = shift_labels(labels, ignore_index) if shift else labels
+    valid = targets != ignore_index
+    weighted = per_token
+    if token_weights is not None:
+        weights = shift_labels(token_weights, 0) if shift else token_weights
+        weighted = per_token * torch.where(valid, weights.to(compute_dtype), torch.zeros_like(per_token))
+    num_tokens = valid.sum(-1)
+    logps = weighted.sum(-1)
+    if average:
+        logps = logps / num_tokens.clamp(min=1).to(compute_dtype)
+    return ReferenceLogps(logps=logps, num_tokens=num_tokens, token_logps=per_token[0] if unbatched else per_token)

@@ -1,0 +1,95 @@
+"""`dk.sequence_logps`: per-sequence log-probs from logits with the fused logits-path kernels."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference, validation
+from .backends.availability import resolve_backend
+from .outputs import LogpsOutput
+from .sequence_reduction import aligned_targets, aligned_weights, reduce_to_sequences
+from .token_logps_op import token_logps
+
+
+@torch.compiler.assume_constant_result
+def _backend_for(backend: str, device: torch.device) -> str:
+    return resolve_backend(backend, device)
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    average: bool = False,
+    token_weights: Optional[torch.Tensor] = None,
+    return_token_logps: bool = False,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> LogpsOutput:
+    """Sum (or mean) over each sequence of log softmax(logits)[label], fused.
+
+    Args:
+        logits: `[S, T, V]` or `[N, V]` (one sequence), fp32/bf16/fp16 (float64 on the CPU backend),
+            any strides with unit stride over V. Read in place: never copied, upcast or shifted.
+        labels: integer `[S, T]` (or `[N]`): `labels[s, t]` is the target of `logits[s, t]`, or with
+            `shift=True` of `logits[s, t - 1]` (Hugging Face unshifted labels). Entries equal to
+            `ignore_index` are excluded; every other entry must be in `[0, V)`.
+        average: mean over the unmasked tokens instead of the sum.
+        token_weights: float multipliers shaped like `labels`, each weighing the log-prob of the
+            label at the same index; differentiable.
+        return_token_logps: also return the per-position log-probs (position-aligned, 0 where
+            masked); gradients flow through them too.
+        inplace_backward: backward writes the logits gradient into the logits' storage instead of
+            a new buffer, so no `[S, T, V]` tensor is allocated at all. The logits hold the gradient
+            afterwards; do not use them again.
+        backend: "auto" (Triton on CUDA, the C++ kernel on CPU), "triton", "cuda", "cpu" or
+            "reference" (the unfused PyTorch computation).
+
+    Materialised: `[S, T]` fp32 token log-probs and log-sum-exps in forward; in backward the
+    logits gradient (none with `inplace_backward`). Nothing else of size `V`.
+    A row with no unmasked token has logps 0 and num_tokens 0, with or without `average`.
+    """
+    validation.check_tensor("logits", logits, dims=(2, 3))
+    validation.check_backend_name(backend)
+    validation.check_int("ignore_index", ignore_index)
+    for name, flag in (("shift", shift), ("average", average), ("return_token_logps", return_token_logps),
+                       ("inplace_backward", inplace_backward)):
+        validation.check_bool(name, flag)
+    validation.check_labels(labels, logits.shape[:-1], "logits.shape[:-1]")
+    validation.check_same_device("labels", labels, "logits", logits)
+    validation.check_token_weights(token_weights, labels)
+    validation.check_unit_stride("logits", logits)
+    if inplace_backward and 0 in logits.stride()[:-1] and logits.numel() > 0:
+        raise ValueError("inplace_backward=True needs logits whose rows do not overlap (a stride is 0)")
+    name = _backend_for(backend, logits.device)
+    validation.check_float_dtype("logits", logits, name)
+    validation.check_label_range(labels, logits.shape[-1], ignore_index)
+
+    unbatched = logits.dim() == 2
+    if unbatched:
+        logits, labels = logits.unsqueeze(0), labels.unsqueeze(0)
+        token_weights = None if token_weights is None else token_weights.unsqueeze(0)
+
+    if name == "reference":
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        ref = reference.sequence_logps(
+            logits, labels, ignore_index=ignore_index, shift=shift, average=average,
+            token_weights=token_weights, compute_dtype=acc,
+        )
+        per_position = ref.token_logps
+        logps, num_tokens = ref.logps, ref.num_tokens
+    else:
+        targets = aligned_targets(labels, shift, ignore_index)
+        per_position, _ = token_logps(logits, targets, ignore_index, name, inplace_backward)
+        weights = None if token_weights is None else aligned_weights(token_weights, shift, per_position.dtype)
+        logps, num_tokens = reduce_to_sequences(per_position, targets != ignore_index, weights, average)
+
+    if not return_token_logps:
+        per_position = None
+    elif unbatched:
+        per_position = per_position[0]
+    return LogpsOutput(logps=logps, num_tokens=num_tokens, token_logps=per_position)
