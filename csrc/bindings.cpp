@@ -82,4 +82,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stride_t"), py::arg("targets"), py::arg("ignore_index"), py::arg("lse"),
       py::arg("grad"), py::arg("out"), py::arg("out_stride_s"), py::arg("out_stride_t"), py::arg("num_threads"),
       py::call_guard<py::gil_scoped_release>());
+
+  dpo::cuda::register_entry_points(m);
 }
