@@ -33,7 +33,13 @@ py::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
-  info["compiler"] = std::string(__VERSION__);
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
   info["cuda"] = dpo::cuda::built_with_cuda();
   info["cuda_version"] = std::string(dpo::cuda::built_cuda_version());
   info["cuda_archs"] = std::string(dpo::cuda::built_cuda_archs());

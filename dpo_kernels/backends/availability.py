@@ -60,6 +60,8 @@ def unavailable_reason(backend: str, device: Optional[torch.device] = None) -> O
     on_cpu = device is not None and device.type == "cpu"
     if device is not None and not (on_cuda or on_cpu):
         return f"dpo_kernels runs on CPU and CUDA tensors, not on {device.type}"
+    if on_cuda and not torch.cuda.is_available():
+        return "no CUDA device is available to PyTorch"
     if backend == "reference":
         return None
     if backend == "cpu":

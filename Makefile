@@ -1,0 +1,33 @@
+# Quickstart targets. Each installs what it needs into a virtual environment in the clone (.venv).
+# Without CUDA (no nvidia-smi) PyTorch is pinned to the CPU wheel already on the machine
+# (torch==2.13.0) instead of pulling a multi-GB CUDA build; override with TORCH_SPEC=...
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: install test demo info clean
+
+$(VENV)/.installed: $(BUILD_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.18" ninja
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest python_tests -ra $(PYTEST_ARGS)
+
+demo: install
+	$(PY) benchmarks/cpu_logits_demo.py
+
+info: install
+	$(PY) -m dpo_kernels.info
+
+clean:
+	rm -rf build dist *.egg-info dpo_kernels/_C*.so
