@@ -54,6 +54,7 @@ def sequence_logps(
     A row with no unmasked token has logps 0 and num_tokens 0, with or without `average`.
     """
     validation.check_tensor("logits", logits, dims=(2, 3))
+    validation.check_vocab_size("logits", logits)
     validation.check_backend_name(backend)
     validation.check_int("ignore_index", ignore_index)
     for name, flag in (("shift", shift), ("average", average), ("return_token_logps", return_token_logps),
@@ -77,7 +78,8 @@ def sequence_logps(
     if name == "reference":
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         ref = reference.sequence_logps(
-            logits, labels, ignore_index=ignore_index, shift=shift, average=average,
+            # int64: torch.gather takes no other index dtype than int32/int64, validation any integer
+            logits, labels.to(torch.int64), ignore_index=ignore_index, shift=shift, average=average,
             token_weights=token_weights, compute_dtype=acc,
         )
         per_position = ref.token_logps

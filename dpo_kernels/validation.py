@@ -21,6 +21,11 @@ def check_tensor(name: str, value, *, dims: Sequence[int]) -> None:
         raise ValueError(f"{name} must be {expected}, got shape {tuple(value.shape)}")
 
 
+def check_vocab_size(name: str, value: torch.Tensor) -> None:
+    if value.shape[-1] == 0:
+        raise ValueError(f"{name} must have a vocabulary (last) dimension of size >= 1, got shape {tuple(value.shape)}")
+
+
 def check_float_dtype(name: str, value: torch.Tensor, backend: str) -> None:
     if value.dtype in FLOAT_DTYPES:
         return

@@ -41,9 +41,6 @@ struct OnlineLse {
   }
 
   DPO_HOST_DEVICE void merge(const OnlineLse& other) { merge(other.max, other.sum); }
-
-  // log(sum(exp(x))); -inf for the empty set.
-  DPO_HOST_DEVICE Acc value() const { return sum == Acc(0) ? Acc(-INFINITY) : max + log_acc(sum); }
 };
 
 }  // namespace dpo

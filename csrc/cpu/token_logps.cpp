@@ -87,7 +87,7 @@ void record_invalid(std::atomic<int64_t>& first_invalid, int64_t row) {
 }
 
 template <typename Acc>
-void forward_impl(const TokenRows& rows, Acc* token_logps, Acc* lse, int num_threads) {
+void forward_impl(const TokenRows& rows, Acc* token_logps, Acc* row_stats, int num_threads) {
   const char* base = static_cast<const char*>(rows.logits);
   const size_t esize = element_size(rows.dtype);
   const int64_t num_rows = rows.num_rows();
@@ -102,7 +102,8 @@ void forward_impl(const TokenRows& rows, Acc* token_logps, Acc* lse, int num_thr
       if (target < 0) {
         if (target == TokenRows::kInvalid) record_invalid(first_invalid, row);
         token_logps[row] = Acc(0);
-        lse[row] = Acc(0);
+        row_stats[2 * row] = Acc(0);
+        row_stats[2 * row + 1] = Acc(0);
         continue;
       }
       const char* row_ptr = base + rows.element_offset(row) * esize;
@@ -114,16 +115,18 @@ void forward_impl(const TokenRows& rows, Acc* token_logps, Acc* lse, int num_thr
         if (m == -INFINITY) continue;  // an all -inf chunk adds nothing
         state.merge(m, chunk_sum_exp(x, n, m));
       }
-      const Acc row_lse = state.value();
-      lse[row] = row_lse;
-      token_logps[row] = element_as_acc<Acc>(row_ptr, rows.dtype, target) - row_lse;
+      // An all -inf row has max -inf and log_sum -inf: its log-prob is NaN, as log_softmax gives.
+      const Acc log_sum = log_acc(state.sum);
+      row_stats[2 * row] = state.max;
+      row_stats[2 * row + 1] = log_sum;
+      token_logps[row] = (element_as_acc<Acc>(row_ptr, rows.dtype, target) - state.max) - log_sum;
     }
   }
   if (first_invalid.load() >= 0) throw_invalid_label(rows, first_invalid.load());
 }
 
 template <typename Acc>
-void backward_impl(const TokenRows& rows, const Acc* lse, const Acc* grad, void* out,
+void backward_impl(const TokenRows& rows, const Acc* row_stats, const Acc* grad, void* out,
                    int64_t out_stride_s, int64_t out_stride_t, int num_threads) {
   const char* base = static_cast<const char*>(rows.logits);
   char* out_base = static_cast<char*>(out);
@@ -147,20 +150,20 @@ void backward_impl(const TokenRows& rows, const Acc* lse, const Acc* grad, void*
         continue;
       }
       const char* row_ptr = base + rows.element_offset(row) * esize;
-      const Acc row_lse = lse[row];
+      const Acc row_max = row_stats[2 * row], log_sum = row_stats[2 * row + 1];
       // Read the target logit before the row is overwritten (out may alias the logits).
       const Acc target_logit = element_as_acc<Acc>(row_ptr, rows.dtype, target);
       for (int64_t v0 = 0; v0 < rows.V; v0 += kChunk) {
         const int64_t n = std::min(kChunk, rows.V - v0);
         const Acc* x = chunk_as_acc<Acc>(row_ptr, rows.dtype, v0, n, in_buf.data());
         if (acc_typed) {
-          chunk_scaled_exp(x, n, row_lse, -g, reinterpret_cast<Acc*>(out_row) + v0);
+          chunk_scaled_softmax(x, n, row_max, log_sum, -g, reinterpret_cast<Acc*>(out_row) + v0);
         } else if constexpr (sizeof(Acc) == 4) {
-          chunk_scaled_exp(x, n, row_lse, -g, out_buf.data());
+          chunk_scaled_softmax(x, n, row_max, log_sum, -g, out_buf.data());
           chunk_from_float(out_buf.data(), rows.dtype, n, reinterpret_cast<uint16_t*>(out_row) + v0);
         }
       }
-      store_element<Acc>(out_row, rows.dtype, target, g * (Acc(1) - exp_acc(target_logit - row_lse)));
+      store_element<Acc>(out_row, rows.dtype, target, g * (Acc(1) - exp_acc((target_logit - row_max) - log_sum)));
     }
   }
   if (first_invalid.load() >= 0) throw_invalid_label(rows, first_invalid.load());
@@ -168,21 +171,21 @@ void backward_impl(const TokenRows& rows, const Acc* lse, const Acc* grad, void*
 
 }  // namespace
 
-void token_logps_forward(const TokenRows& rows, void* token_logps, void* lse, int num_threads) {
+void token_logps_forward(const TokenRows& rows, void* token_logps, void* row_stats, int num_threads) {
   if (rows.dtype == DType::Float64) {
-    forward_impl<double>(rows, static_cast<double*>(token_logps), static_cast<double*>(lse), num_threads);
+    forward_impl<double>(rows, static_cast<double*>(token_logps), static_cast<double*>(row_stats), num_threads);
   } else {
-    forward_impl<float>(rows, static_cast<float*>(token_logps), static_cast<float*>(lse), num_threads);
+    forward_impl<float>(rows, static_cast<float*>(token_logps), static_cast<float*>(row_stats), num_threads);
   }
 }
 
-void token_logps_backward(const TokenRows& rows, const void* lse, const void* grad, void* out,
+void token_logps_backward(const TokenRows& rows, const void* row_stats, const void* grad, void* out,
                           int64_t out_stride_s, int64_t out_stride_t, int num_threads) {
   if (rows.dtype == DType::Float64) {
-    backward_impl<double>(rows, static_cast<const double*>(lse), static_cast<const double*>(grad), out,
+    backward_impl<double>(rows, static_cast<const double*>(row_stats), static_cast<const double*>(grad), out,
                           out_stride_s, out_stride_t, num_threads);
   } else {
-    backward_impl<float>(rows, static_cast<const float*>(lse), static_cast<const float*>(grad), out,
+    backward_impl<float>(rows, static_cast<const float*>(row_stats), static_cast<const float*>(grad), out,
                          out_stride_s, out_stride_t, num_threads);
   }
 }

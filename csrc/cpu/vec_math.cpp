@@ -68,13 +68,14 @@ double chunk_sum_exp(const double* x, int64_t n, double shift) {
   return s;
 }
 
-DPO_CPU_CLONES void chunk_scaled_exp(const float* x, int64_t n, float shift, float scale, float* out) {
+DPO_CPU_CLONES void chunk_scaled_softmax(const float* x, int64_t n, float max, float log_sum, float scale,
+                                         float* out) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = scale * exp_poly(x[i] - shift);
+  for (int64_t i = 0; i < n; ++i) out[i] = scale * exp_poly((x[i] - max) - log_sum);
 }
 
-void chunk_scaled_exp(const double* x, int64_t n, double shift, double scale, double* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = scale * std::exp(x[i] - shift);
+void chunk_scaled_softmax(const double* x, int64_t n, double max, double log_sum, double scale, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = scale * std::exp((x[i] - max) - log_sum);
 }
 
 DPO_CPU_CLONES void chunk_to_float(const uint16_t* src, DType dtype, int64_t n, float* dst) {

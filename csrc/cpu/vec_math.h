@@ -18,9 +18,10 @@ double chunk_max(const double* x, int64_t n);
 float chunk_sum_exp(const float* x, int64_t n, float shift);
 double chunk_sum_exp(const double* x, int64_t n, double shift);
 
-// out[i] = scale * exp(x[i] - shift). `out` may be `x` itself.
-void chunk_scaled_exp(const float* x, int64_t n, float shift, float scale, float* out);
-void chunk_scaled_exp(const double* x, int64_t n, double shift, double scale, double* out);
+// out[i] = scale * exp((x[i] - max) - log_sum): softmax probabilities times `scale`, with x - max
+// taken first (exact for logits near the max, however large they are). `out` may be `x` itself.
+void chunk_scaled_softmax(const float* x, int64_t n, float max, float log_sum, float scale, float* out);
+void chunk_scaled_softmax(const double* x, int64_t n, double max, double log_sum, double scale, double* out);
 
 // 16-bit <-> fp32 conversions of a chunk.
 void chunk_to_float(const uint16_t* src, DType dtype, int64_t n, float* dst);

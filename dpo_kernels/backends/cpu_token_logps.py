@@ -17,28 +17,29 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """token_logps, lse: `[S, T]` (float64 for float64 logits, else fp32)."""
+    """token_logps `[S, T]` and row_stats `[S, T, 2]` (row max, log of the sum of exp(x - max)),
+    float64 for float64 logits, else fp32."""
     S, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     token_logps = torch.empty((S, T), dtype=acc)
-    lse = torch.empty((S, T), dtype=acc)
+    row_stats = torch.empty((S, T, 2), dtype=acc)
     extension.load().cpu_token_logps_forward(
         logits.data_ptr(), extension.dtype_code(logits.dtype), S, T, V, logits.stride(0), logits.stride(1),
-        targets.data_ptr(), ignore_index, token_logps.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
+        targets.data_ptr(), ignore_index, token_logps.data_ptr(), row_stats.data_ptr(), torch.get_num_threads(),
     )
-    return token_logps, lse
+    return token_logps, row_stats
 
 
 def backward(
     logits: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int,
-    lse: torch.Tensor,
+    row_stats: torch.Tensor,
     grad: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """Writes the logits gradient into `out` (may be `logits`). `lse`, `grad`: contiguous `[S, T]`
-    in the accumulation dtype. A fresh `out` is first advised onto huge pages (see
+    """Writes the logits gradient into `out` (may be `logits`). `row_stats` (from `forward`) and
+    `grad` (`[S, T]`) are contiguous in the accumulation dtype. A fresh `out` is first advised onto huge pages (see
     csrc/cpu/huge_pages.h): its page faults would otherwise cost more than the kernel."""
     S, T, V = logits.shape
     ext = extension.load()
@@ -46,6 +47,6 @@ def backward(
         ext.cpu_advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
     ext.cpu_token_logps_backward(
         logits.data_ptr(), extension.dtype_code(logits.dtype), S, T, V, logits.stride(0), logits.stride(1),
-        targets.data_ptr(), ignore_index, lse.data_ptr(), grad.data_ptr(),
+        targets.data_ptr(), ignore_index, row_stats.data_ptr(), grad.data_ptr(),
         out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads(),
     )

@@ -2,9 +2,10 @@
 
 Forward: one program per token row streams the vocabulary in BLOCK_V chunks with an online
 log-sum-exp in fp32 (a running max and a vector of rescaled partial sums: one exp per logit) and
-reads the target logit; it writes the token log-prob and the row's log-sum-exp (4 bytes each).
-Masked rows read nothing. Backward: a grid of (row, vocabulary span) programs, each reading its
-logits once and writing `g * (onehot - exp(x - lse))` once, into a fresh buffer or into the logits'
+reads the target logit; it writes the token log-prob and the row's log-sum-exp as the pair
+(max, log of the sum of exp(x - max)) (12 bytes a row; one fp32 lse would lose 1e-3 at logits near
+1e4). Masked rows read nothing. Backward: a grid of (row, vocabulary span) programs, each reading its
+logits once and writing `g * (onehot - exp((x - max) - log_sum))` once, into a fresh buffer or into the logits'
 own storage. Nothing `[N, V]`-sized is allocated here besides the gradient the caller passes in.
 Offsets are 64-bit. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1.
 """
@@ -22,7 +23,7 @@ from .availability import triton_interpreting
 def _token_logps_forward_kernel(
     logits_ptr, stride_s, stride_t, T, V,
     targets_ptr, ignore_index,
-    token_logps_ptr, lse_ptr,
+    token_logps_ptr, row_stats_ptr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -45,17 +46,17 @@ def _token_logps_forward_kernel(
         partial_sums = partial_sums * tl.exp(running_max - shift) + tl.exp(x - shift)
         running_max = new_max
     total = tl.sum(partial_sums, axis=0)
-    total = tl.where(valid, total, 1.0)  # masked rows: no log(0)
-    safe_max = tl.where(running_max == -float("inf"), 0.0, running_max)
-    lse = safe_max + tl.log(total)
+    # An all -inf row keeps max = log_sum = -inf (its log-prob is NaN, as log_softmax gives).
+    log_sum = tl.log(tl.where(valid, total, 1.0))  # masked rows: no log(0)
 
     in_range = (target >= 0) & (target < V)
     target_logit = tl.load(row_ptr + target, mask=valid & in_range, other=0.0).to(tl.float32)
     # A label outside [0, V) (possible only when validation was skipped, e.g. under torch.compile)
     # yields NaN rather than a silently wrong number.
-    token_logp = tl.where(in_range, target_logit - lse, float("nan"))
+    token_logp = tl.where(in_range, (target_logit - running_max) - log_sum, float("nan"))
     tl.store(token_logps_ptr + row, tl.where(valid, token_logp, 0.0))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    tl.store(row_stats_ptr + 2 * row, tl.where(valid, running_max, 0.0))
+    tl.store(row_stats_ptr + 2 * row + 1, tl.where(valid, log_sum, 0.0))
 
 
 @triton.jit
@@ -64,7 +65,7 @@ def _token_logps_backward_kernel(
     out_ptr, out_stride_s, out_stride_t,
     T, V,
     targets_ptr, ignore_index,
-    lse_ptr, grad_ptr,
+    row_stats_ptr, grad_ptr,
     SPAN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -76,7 +77,8 @@ def _token_logps_backward_kernel(
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
     g = tl.where(valid, tl.load(grad_ptr + row), 0.0)
-    lse = tl.load(lse_ptr + row)
+    row_max = tl.load(row_stats_ptr + 2 * row)
+    log_sum = tl.load(row_stats_ptr + 2 * row + 1)
     # Masked rows read nothing (x = -inf, so prob = 0 and g = 0) and store zeros.
     read_end = tl.where(valid, V, 0)
 
@@ -84,7 +86,7 @@ def _token_logps_backward_kernel(
     for v0 in range(0, SPAN, BLOCK_V):
         cols = span_start + v0 + offsets
         x = tl.load(row_ptr + cols, mask=cols < read_end, other=-float("inf")).to(tl.float32)
-        prob = tl.exp(x - lse)
+        prob = tl.exp((x - row_max) - log_sum)
         dlogits = g * (tl.where(cols == target, 1.0, 0.0) - prob)
         tl.store(out_row_ptr + cols, dlogits.to(out_ptr.dtype.element_ty), mask=cols < V)
 
@@ -97,34 +99,35 @@ def _block_v(V: int) -> int:
 
 
 def forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """token_logps, lse: fp32 `[S, T]`, for `[S, T, V]` logits (unit stride over V) and int64
-    contiguous `[S, T]` targets already aligned with the logits rows."""
+    """token_logps fp32 `[S, T]` and row_stats fp32 `[S, T, 2]` (row max, log of the sum of
+    exp(x - max)), for `[S, T, V]` logits (unit stride over V) and int64 contiguous `[S, T]`
+    targets already aligned with the logits rows."""
     S, T, V = logits.shape
     token_logps = torch.empty((S, T), dtype=torch.float32, device=logits.device)
-    lse = torch.empty((S, T), dtype=torch.float32, device=logits.device)
+    row_stats = torch.empty((S, T, 2), dtype=torch.float32, device=logits.device)
     if S * T == 0:
-        return token_logps, lse
+        return token_logps, row_stats
     block_v = _block_v(V)
     _token_logps_forward_kernel[(S * T,)](
         logits, logits.stride(0), logits.stride(1), T, V,
         targets, ignore_index,
-        token_logps, lse,
+        token_logps, row_stats,
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
     )
-    return token_logps, lse
+    return token_logps, row_stats
 
 
 def backward(
     logits: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int,
-    lse: torch.Tensor,
+    row_stats: torch.Tensor,
     grad: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
     """Writes the logits gradient into `out` (shaped like the logits, unit stride over V; may be
-    the logits themselves). `lse`, `grad`: fp32 contiguous `[S, T]`."""
+    the logits themselves). `row_stats` (from `forward`), `grad` (`[S, T]`): fp32 contiguous."""
     S, T, V = logits.shape
     if S * T == 0:
         return
@@ -136,7 +139,7 @@ def backward(
         out, out.stride(0), out.stride(1),
         T, V,
         targets, ignore_index,
-        lse, grad,
+        row_stats, grad,
         SPAN=span, BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
     )

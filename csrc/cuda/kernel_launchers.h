@@ -1,0 +1,91 @@
+// Host launch functions of the CUDA kernels, callable from host-compiled code (no CUDA headers
+// here: streams travel as void*, the cudaStream_t handle PyTorch reports). Every function enqueues
+// its kernel(s) on `stream` and returns without synchronising; it checks the launch and throws
+// std::runtime_error naming the kernel, the dtype and the shapes when it fails, and
+// std::invalid_argument for arguments no kernel can take (float64, a misaligned base pointer, a
+// grid beyond CUDA's limits). Nothing is allocated: every buffer is the caller's.
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtypes.h"
+#include "common/token_rows.h"
+
+namespace dpo::cuda {
+
+// ---- Logits path ----------------------------------------------------------------------------
+
+// For every row (s, t) of `rows` (fp32/bf16/fp16 logits, see common/token_rows.h), with x =
+// logits[s, t, :]:
+//   row_stats[2 row]     = m       = max_j x_j
+//   row_stats[2 row + 1] = log_sum = log(sum_j exp(x_j - m))
+//   token_logps[row]     = (x[target] - m) - log_sum
+// (the row's log-sum-exp is m + log_sum; it is kept as the pair because an fp32 lse of logits near
+// 1e4 is off by ~6e-4, while m is exact and log_sum small). Masked rows (target == ignore_index)
+// are not read and get 0, 0 and 0; a row whose logits are all -inf gets m = log_sum = -inf and
+// token_logps = NaN (as log_softmax); a target outside [0, V) that is not ignore_index gives
+// token_logps = NaN (Python rejects such labels before launching). token_logps: contiguous fp32
+// [S * T]; row_stats: contiguous fp32 [S * T, 2] (interleaved pairs). Reads each unmasked row
+// once; writes 12 bytes a row.
+void token_logps_forward(const TokenRows& rows, float* token_logps, float* row_stats, void* stream);
+
+// out[s, t, v] = grad[row] * (onehot(v == target) - exp((logits[s, t, v] - m) - log_sum)) in the
+// logits' dtype, (m, log_sum) = (row_stats[2 row], row_stats[2 row + 1]) as the forward wrote them,
+// with zero rows where the token is masked or grad[row] == 0 (those rows, and their row_stats, are
+// not read). `out` has its own row strides (unit stride over V) and may be the logits themselves:
+// each element is read, then written, by the same thread. row_stats: contiguous fp32 [S * T, 2];
+// grad: contiguous fp32 [S * T].
+void token_logps_backward(const TokenRows& rows, const float* row_stats, const float* grad, void* out,
+                          int64_t out_stride_s, int64_t out_stride_t, void* stream);
+
+// ---- Tile epilogues of the linear path ------------------------------------------------------
+// A tile is `rows` x `chunk` logits (fp32/bf16/fp16) holding vocabulary entries [v0, v0 + chunk)
+// of `rows` token rows; row r starts at tile + r * ld elements (unit stride over the chunk).
+// Per-row arrays (statistics, targets, row_stats, grad) are indexed by tile row r: pass pointers
+// offset to the tile's first row when the tile covers a block of tokens (row_stats by 2 floats a row). targets[r] is the global
+// vocabulary index of row r's target; a value outside [v0, v0 + chunk) (another chunk, or a masked
+// row's ignore_index) never matches.
+
+// Running per-row statistics, fp32 [rows] each. Required: max, sum_exp, target_logit; the others
+// are nullptr when not tracked (tracking any of them selects the slower extras kernel). Before the
+// first chunk initialise max = -inf, sum_exp = 0, centered = 0, sum_sq = 0, sum_logits = 0,
+// max_before_target = -inf, max_after_target = -inf; target_logit is written by the chunk that
+// holds the target. Use the same set of tracked statistics for every chunk of a pass. After the
+// last chunk (see common/softmax_moments.h):
+//   row_stats pair   = (max, log(sum_exp))   (what tile_logits_grad takes; lse = max + log(sum_exp))
+//   entropy          = log(sum_exp) - centered / sum_exp
+//   log_sum_sq_probs = log(sum_sq) - 2 log(sum_exp)
+//   mean_logits      = sum_logits / V
+//   is_top1          = target_logit > max_before_target && target_logit >= max_after_target
+//                      (argmax == target, ties resolved to the first index like torch.argmax)
+struct TileStats {
+  float* max;                // running max over the folded chunks
+  float* sum_exp;            // sum exp(z - max)
+  float* target_logit;       // z[target]
+  float* centered;           // sum exp(z - max) * (z - max)   (entropy)
+  float* sum_sq;             // sum exp(2 (z - max))           (log_sum_sq_probs)
+  float* sum_logits;         // sum z                          (mean_logits)
+  float* max_before_target;  // max z[j], j < target           (is_top1)
+  float* max_after_target;   // max z[j], j > target           (is_top1)
+
+  bool tracks_extras() const {
+    return centered || sum_sq || sum_logits || max_before_target || max_after_target;
+  }
+};
+
+// Folds one tile into the running statistics: each row is read once (16-byte loads), its chunk
+// statistics are reduced across the threads of the row and merged into stats[r] by one thread
+// (no atomics; deterministic). Materialises nothing.
+void tile_fold_stats(const void* tile, DType dtype, int64_t rows, int64_t chunk, int64_t ld, int64_t v0,
+                     const int64_t* targets, const TileStats& stats, void* stream);
+
+// Turns the tile into its logits gradient in place:
+//   tile[r, j] = grad[r] * (onehot(v0 + j == targets[r]) - exp((tile[r, j] - m[r]) - log_sum[r])),
+// with (m[r], log_sum[r]) = (row_stats[2 r], row_stats[2 r + 1]) the row's max and log(sum_exp)
+// over the whole vocabulary; zero rows (neither the tile row nor its row_stats read) where
+// grad[r] == 0. row_stats: fp32 [rows, 2] (interleaved pairs); grad: fp32 [rows]. One read and one
+// write per element; the tile keeps its dtype.
+void tile_logits_grad(void* tile, DType dtype, int64_t rows, int64_t chunk, int64_t ld, int64_t v0,
+                      const int64_t* targets, const float* row_stats, const float* grad, void* stream);
+
+}  // namespace dpo::cuda
