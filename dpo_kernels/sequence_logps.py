@@ -45,7 +45,9 @@ def sequence_logps(
             masked); gradients flow through them too.
         inplace_backward: backward writes the logits gradient into the logits' storage instead of
             a new buffer, so no `[S, T, V]` tensor is allocated at all. The logits hold the gradient
-            afterwards; do not use them again.
+            afterwards; do not use them again. (For a leaf tensor's `.grad`, autograd copies the
+            gradient anyway; the saving is real for model outputs or with `torch.autograd.grad`.)
+            The reference backend ignores it.
         backend: "auto" (Triton on CUDA, the C++ kernel on CPU), "triton", "cuda", "cpu" or
             "reference" (the unfused PyTorch computation).
 

@@ -65,8 +65,24 @@ struct ElementIo<float> {
   }
 };
 
+// The 16-byte vector of a 16-bit type: four 32-bit words of two elements each, converted by the
+// type's unpack_word / pack_word.
+template <typename Io>
+struct PairedWordVectorIo {
+  __device__ __forceinline__ static void unpack(const uint4& r, float (&z)[8]) {
+    Io::unpack_word(r.x, z[0], z[1]);
+    Io::unpack_word(r.y, z[2], z[3]);
+    Io::unpack_word(r.z, z[4], z[5]);
+    Io::unpack_word(r.w, z[6], z[7]);
+  }
+  __device__ __forceinline__ static uint4 pack(const float (&z)[8]) {
+    return make_uint4(Io::pack_word(z[0], z[1]), Io::pack_word(z[2], z[3]), Io::pack_word(z[4], z[5]),
+                      Io::pack_word(z[6], z[7]));
+  }
+};
+
 template <>
-struct ElementIo<__nv_bfloat16> {
+struct ElementIo<__nv_bfloat16> : PairedWordVectorIo<ElementIo<__nv_bfloat16>> {
   using Bits = unsigned short;
   static constexpr int kPerVector = 8;
   static constexpr uint32_t kNegInfWord = 0xff80ff80u;
@@ -81,19 +97,10 @@ struct ElementIo<__nv_bfloat16> {
   __device__ __forceinline__ static uint32_t pack_word(float lo, float hi) {
     return bit_cast_to<uint32_t>(__floats2bfloat162_rn(lo, hi));
   }
-  __device__ __forceinline__ static void unpack(const uint4& r, float (&z)[8]) {
-    unpack_word(r.x, z[0], z[1]);
-    unpack_word(r.y, z[2], z[3]);
-    unpack_word(r.z, z[4], z[5]);
-    unpack_word(r.w, z[6], z[7]);
-  }
-  __device__ __forceinline__ static uint4 pack(const float (&z)[8]) {
-    return make_uint4(pack_word(z[0], z[1]), pack_word(z[2], z[3]), pack_word(z[4], z[5]), pack_word(z[6], z[7]));
-  }
 };
 
 template <>
-struct ElementIo<__half> {
+struct ElementIo<__half> : PairedWordVectorIo<ElementIo<__half>> {
   using Bits = unsigned short;
   static constexpr int kPerVector = 8;
   static constexpr uint32_t kNegInfWord = 0xfc00fc00u;
@@ -107,15 +114,6 @@ struct ElementIo<__half> {
   }
   __device__ __forceinline__ static uint32_t pack_word(float lo, float hi) {
     return bit_cast_to<uint32_t>(__floats2half2_rn(lo, hi));
-  }
-  __device__ __forceinline__ static void unpack(const uint4& r, float (&z)[8]) {
-    unpack_word(r.x, z[0], z[1]);
-    unpack_word(r.y, z[2], z[3]);
-    unpack_word(r.z, z[4], z[5]);
-    unpack_word(r.w, z[6], z[7]);
-  }
-  __device__ __forceinline__ static uint4 pack(const float (&z)[8]) {
-    return make_uint4(pack_word(z[0], z[1]), pack_word(z[2], z[3]), pack_word(z[4], z[5]), pack_word(z[6], z[7]));
   }
 };
 

@@ -52,8 +52,9 @@ def _cuda_kernels_missing() -> Optional[str]:
     return None
 
 
-def unavailable_reason(backend: str, device: Optional[torch.device] = None) -> Optional[str]:
+def unavailable_reason(backend: str, device: Optional[torch.device | str] = None) -> Optional[str]:
     """None when `backend` can run here (on tensors on `device`, when given), else why not."""
+    device = torch.device(device) if isinstance(device, str) else device
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     on_cuda = device is not None and device.type == "cuda"
@@ -88,7 +89,6 @@ def unavailable_reason(backend: str, device: Optional[torch.device] = None) -> O
 
 def available_backends(device: Optional[torch.device | str] = None) -> List[str]:
     """Backends that are built and usable here (for tensors on `device`, when given)."""
-    device = torch.device(device) if isinstance(device, str) else device
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
