@@ -2,7 +2,9 @@
 
 #include <cmath>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+// DPO_NO_CPU_CLONES builds one version for the compiler's target flags (used to test the AVX2 and
+// baseline code paths on a machine whose CPU would pick another clone).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && !defined(DPO_NO_CPU_CLONES)
 #define DPO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DPO_CPU_CLONES
@@ -11,10 +13,12 @@
 namespace dpo::cpu {
 namespace {
 
-// exp(x) for x <= 88 (every caller passes x - max or x - lse, so x <= ~0). Range reduction
-// x = n ln2 + r with |r| <= ln2 / 2, a degree-6 Taylor polynomial for exp(r) (error < 2e-7
-// relative before rounding), and 2^n assembled in the exponent bits. Results below 2^-125 flush to
-// 0, far below anything that changes a sum that contains exp(0) = 1. NaN propagates.
+// exp(x) for x <= 0, the only arguments the callers pass ((x - max) and (x - max) - log_sum).
+// Range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-6 Taylor polynomial for exp(r)
+// (error < 2e-7 relative before rounding), and 2^n assembled in the exponent bits. Results below
+// 2^-125 flush to 0, far below anything that changes a sum that contains exp(0) = 1. NaN
+// propagates. Branch-free ternaries only: the compiler must if-convert them to vectorise the loops
+// for every instruction-set clone (an extra clamp here once left the AVX2 clone scalar).
 inline float exp_poly(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693359375f;       // few mantissa bits: n * kLn2Hi is exact
@@ -22,7 +26,6 @@ inline float exp_poly(float x) {
   const float kRound = 12582912.0f;        // 1.5 * 2^23: adding it rounds to an integer
   const uint32_t kRoundBits = 0x4B400000u;
   float xc = x < -87.0f ? -87.0f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
   float t = xc * kLog2e + kRound;
   float nf = t - kRound;
   uint32_t n = float_to_bits(t) - kRoundBits;  // two's complement integer n
@@ -36,8 +39,9 @@ inline float exp_poly(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   float scale = bits_to_float((n + 127u) << 23);
-  float y = p * scale;
-  return x < -87.0f ? 0.0f : y;
+  // Flush by masking the bits (a select here stays a branch in the SSE2 clone). NaN x keeps y.
+  const uint32_t keep = 0u - static_cast<uint32_t>(!(x < -87.0f));
+  return bits_to_float(float_to_bits(p * scale) & keep);
 }
 
 }  // namespace
