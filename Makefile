@@ -15,7 +15,7 @@ $(VENV)/.installed: $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.18" ninja
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,integration]"
 	touch $@
 
 install: $(VENV)/.installed

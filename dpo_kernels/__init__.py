@@ -8,15 +8,23 @@ See README.md for the design, and `python -m dpo_kernels.info` for what is usabl
 
 from . import reference
 from .backends.availability import BackendUnavailableError, available_backends
-from .outputs import LogpsOutput
+from .fused_dpo_loss import fused_dpo_loss
+from .losses import dpo_loss
+from .modules import FusedDPOLoss
+from .outputs import DPOLossOutput, DPOOutput, LogpsOutput
 from .sequence_logps import sequence_logps
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "DPOLossOutput",
+    "DPOOutput",
+    "FusedDPOLoss",
     "LogpsOutput",
     "available_backends",
+    "dpo_loss",
+    "fused_dpo_loss",
     "reference",
     "sequence_logps",
     "__version__",

@@ -13,11 +13,6 @@ from .sequence_reduction import aligned_targets, aligned_weights, reduce_to_sequ
 from .token_logps_op import token_logps
 
 
-@torch.compiler.assume_constant_result
-def _backend_for(backend: str, device: torch.device) -> str:
-    return resolve_backend(backend, device)
-
-
 def sequence_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -68,7 +63,7 @@ def sequence_logps(
     validation.check_unit_stride("logits", logits)
     if inplace_backward and 0 in logits.stride()[:-1] and logits.numel() > 0:
         raise ValueError("inplace_backward=True needs logits whose rows do not overlap (a stride is 0)")
-    name = _backend_for(backend, logits.device)
+    name = resolve_backend(backend, logits.device)
     validation.check_float_dtype("logits", logits, name)
     validation.check_label_range(labels, logits.shape[-1], ignore_index)
 

@@ -102,8 +102,10 @@ def _warn_fallback(device_type: str, reasons: str) -> None:
     )
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for tensors on `device`. Raises BackendUnavailableError with the reason."""
+    """The concrete backend for tensors on `device`. Raises BackendUnavailableError with the reason.
+    torch.compile evaluates it once while tracing and treats the answer as a constant."""
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend != "auto":

@@ -1,0 +1,54 @@
+"""`nn.Module` wrappers of the drop-in loss calls: they hold the options, `forward` takes the batch."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .fused_dpo_loss import check_fused_options, fused_dpo_loss
+from .outputs import DPOOutput
+from .validation import check_backend_name, check_bool, check_int
+
+
+class FusedDPOLoss(nn.Module):
+    """`dk.fused_dpo_loss` with fixed options: `FusedDPOLoss(beta=0.1, loss_type="ipo")(logits, labels, ...)`.
+
+    Options (checked here, at construction): `ignore_index`, `shift`, `backend` and the loss options
+    of `dk.fused_dpo_loss` except `pair_weights`, which is per batch and goes to `forward`.
+    The module has no parameters or buffers.
+    """
+
+    def __init__(self, *, ignore_index: int = -100, shift: bool = False, backend: str = "auto", **loss_options):
+        super().__init__()
+        if "pair_weights" in loss_options:
+            raise TypeError("FusedDPOLoss() takes pair_weights in forward(), not as an option: it is per batch")
+        check_int("ignore_index", ignore_index)
+        check_bool("shift", shift)
+        check_backend_name(backend)
+        check_fused_options(loss_options, "FusedDPOLoss")
+        self.ignore_index = ignore_index
+        self.shift = shift
+        self.backend = backend
+        self.loss_options = dict(loss_options)
+
+    def forward(
+        self,
+        policy_logits: torch.Tensor,
+        labels: torch.Tensor,
+        ref_chosen_logps: Optional[torch.Tensor] = None,
+        ref_rejected_logps: Optional[torch.Tensor] = None,
+        ref_logits: Optional[torch.Tensor] = None,
+        pair_weights: Optional[torch.Tensor] = None,
+    ) -> DPOOutput:
+        return fused_dpo_loss(
+            policy_logits, labels, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+            ref_logits=ref_logits, ignore_index=self.ignore_index, shift=self.shift, backend=self.backend,
+            pair_weights=pair_weights, **self.loss_options,
+        )
+
+    def extra_repr(self) -> str:
+        options = {"ignore_index": self.ignore_index, "shift": self.shift, "backend": self.backend}
+        options.update(self.loss_options)
+        return ", ".join(f"{k}={v!r}" for k, v in options.items())
