@@ -11,6 +11,7 @@ arenas); compare sizes of hundreds of MiB, not single tensors.
 from __future__ import annotations
 
 import gc
+import weakref
 from typing import Callable
 
 import torch
@@ -53,3 +54,58 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device | str = "cpu
         peak = _status_bytes("VmHWM") - before
     del result
     return max(peak, 0)
+
+
+class _AllocationTracker:
+    """Counts the bytes of storages created by PyTorch ops while active; each is uncounted when
+    PyTorch frees it (storage objects keep their Python object alive as long as the storage lives,
+    so a finalizer fires exactly then)."""
+
+    def __init__(self):
+        self.held = 0
+        self.peak = 0
+        self.seen = set()
+
+    def add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        nbytes = storage.nbytes()
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
+        weakref.finalize(storage, self._release, key, nbytes)
+
+    def _release(self, key, nbytes) -> None:
+        self.seen.discard(key)
+        self.held -= nbytes
+
+
+def allocation_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes held by the tensors that `fn()` creates through PyTorch ops (forward and any
+    backward it runs), counted exactly with a dispatch mode rather than from the resident set:
+    a storage counts from the op that creates it until PyTorch frees it. Memory allocated outside
+    PyTorch is not seen (the C++ kernels of this package allocate none). Storages that existed
+    before the call (and views of them) never count."""
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    tracker = _AllocationTracker()
+    existing = set()
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for value in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+                if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata not in tracker.seen:
+                    existing.add(value.untyped_storage()._cdata)
+            out = func(*args, **(kwargs or {}))
+            for value in torch.utils._pytree.tree_leaves(out):
+                if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata not in existing:
+                    tracker.add(value)
+            return out
+
+    gc.collect()
+    with Mode():
+        result = fn()
+    del result
+    return tracker.peak

@@ -9,8 +9,10 @@ See README.md for the design, and `python -m dpo_kernels.info` for what is usabl
 from . import reference
 from .backends.availability import BackendUnavailableError, available_backends
 from .fused_dpo_loss import fused_dpo_loss
+from .fused_linear_dpo_loss import fused_linear_dpo_loss
+from .linear_sequence_logps import linear_sequence_logps
 from .losses import dpo_loss
-from .modules import FusedDPOLoss
+from .modules import FusedDPOLoss, FusedLinearDPOLoss
 from .outputs import DPOLossOutput, DPOOutput, LogpsOutput
 from .sequence_logps import sequence_logps
 
@@ -21,10 +23,13 @@ __all__ = [
     "DPOLossOutput",
     "DPOOutput",
     "FusedDPOLoss",
+    "FusedLinearDPOLoss",
     "LogpsOutput",
     "available_backends",
     "dpo_loss",
     "fused_dpo_loss",
+    "fused_linear_dpo_loss",
+    "linear_sequence_logps",
     "reference",
     "sequence_logps",
     "__version__",

@@ -81,3 +81,85 @@ def sequence_logps(
     if average:
         logps = logps / num_tokens.clamp(min=1).to(compute_dtype)
     return ReferenceLogps(logps=logps, num_tokens=num_tokens, token_logps=per_token[0] if unbatched else per_token)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear path: from hidden states and the lm_head weight, through the full logits
+
+
+class ReferenceLinearLogps(NamedTuple):
+    logps: torch.Tensor  # [S] compute dtype
+    num_tokens: torch.Tensor  # [S] int64
+    token_logps: torch.Tensor  # [S, T] compute dtype, 0 at masked positions
+    entropy: torch.Tensor  # [S, T] -sum_v p_v log p_v, 0 at masked positions
+    mean_logits: torch.Tensor  # [S, T] mean over the vocabulary of the logits, 0 at masked positions
+    is_top1: torch.Tensor  # [S, T] bool: the target is the (first) argmax; False at masked positions
+    log_sum_sq_probs: torch.Tensor  # [S, T] log sum_v p_v^2, 0 at masked positions
+
+
+def linear_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The full `[..., V]` logits `z = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature`,
+    with `softcap(u) = softcap * tanh(u / softcap)` (Gemma-2) when `softcap` is given."""
+    z = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
+    if bias is not None:
+        z = z + bias.to(compute_dtype)
+    z = z * logit_scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return z / temperature
+
+
+def linear_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    average: bool = False,
+    token_weights: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> ReferenceLinearLogps:
+    """`sequence_logps` of `linear_logits(...)`, plus the per-token extras over the full logits.
+
+    `hidden` is `[S, T, H]` or `[N, H]` (one sequence). Materialises the `[S, T, V]` logits in the
+    compute dtype, their log-softmax and probabilities. Differentiable in every float input.
+    """
+    unbatched = hidden.dim() == 2
+    if unbatched:
+        hidden, labels = hidden.unsqueeze(0), labels.unsqueeze(0)
+        token_weights = None if token_weights is None else token_weights.unsqueeze(0)
+    z = linear_logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                      compute_dtype=compute_dtype)
+    ref = sequence_logps(z, labels, ignore_index=ignore_index, shift=shift, average=average,
+                         token_weights=token_weights, compute_dtype=compute_dtype)
+    targets = shift_labels(labels, ignore_index) if shift else labels
+    valid = targets != ignore_index
+    logprobs = torch.log_softmax(z, dim=-1)
+    probs = logprobs.exp()
+    zero = torch.zeros((), dtype=compute_dtype, device=z.device)
+    entropy = torch.where(valid, -(probs * logprobs).sum(-1), zero)
+    mean_logits = torch.where(valid, z.mean(-1), zero)
+    is_top1 = valid & (z.argmax(dim=-1) == targets)
+    log_sum_sq_probs = torch.where(valid, torch.logsumexp(2 * logprobs, dim=-1), zero)
+    per_token = [ref.token_logps, entropy, mean_logits, is_top1, log_sum_sq_probs]
+    if unbatched:
+        per_token = [t[0] for t in per_token]
+    token_logps_, entropy, mean_logits, is_top1, log_sum_sq_probs = per_token
+    return ReferenceLinearLogps(
+        logps=ref.logps, num_tokens=ref.num_tokens, token_logps=token_logps_, entropy=entropy,
+        mean_logits=mean_logits, is_top1=is_top1, log_sum_sq_probs=log_sum_sq_probs,
+    )

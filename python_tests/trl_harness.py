@@ -22,20 +22,22 @@ from trl.trainer.dpo_trainer import DPOTrainer
 class _FakeModel:
     """Returns TRL's fused-LM-head outputs for the given `[2B, T - 1]` per-token log-probs."""
 
-    def __init__(self, token_logps: torch.Tensor):
+    def __init__(self, token_logps: torch.Tensor, extras: Optional[Dict[str, torch.Tensor]] = None):
         self.token_logps = token_logps
+        self.extras = extras or {}
         self.training = True
         self.is_gradient_checkpointing = False
 
     def __call__(self, **kwargs):
         assert kwargs["fused_lm_head"] is True
         shape = self.token_logps.shape
+        zeros = torch.zeros(shape, dtype=self.token_logps.dtype)
         return types.SimpleNamespace(
             log_probs=self.token_logps,
-            entropy=torch.zeros(shape, dtype=self.token_logps.dtype),
-            mean_logits=torch.zeros(shape, dtype=self.token_logps.dtype),
-            is_top1=torch.zeros(shape, dtype=torch.bool),
-            log_sum_sq_probs=None,
+            entropy=self.extras.get("entropy", zeros),
+            mean_logits=self.extras.get("mean_logits", zeros),
+            is_top1=self.extras.get("is_top1", torch.zeros(shape, dtype=torch.bool)),
+            log_sum_sq_probs=self.extras.get("log_sum_sq_probs"),
         )
 
 
@@ -54,15 +56,19 @@ def trl_dpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
     ld_alpha: Optional[float] = None,
+    use_weighting: bool = False,
+    extras: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """(TRL's loss, TRL's logged metrics: the last value of each) for one batch.
 
     token_logps: the policy's `[2B, T - 1]` per-token log-probs (0 where
         `completion_mask[:, 1:]` is 0), differentiable. Reference: precomputed `[B]` log-probs, or
         `ref_token_logps` like `token_logps` (then TRL's non-precomputed path, LD-DPO included).
+    extras: the policy's per-token `entropy`, `mean_logits`, `is_top1`, `log_sum_sq_probs` (like
+        `token_logps`), as TRL's fused LM head returns them; zeros (None for the last) otherwise.
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    policy = _FakeModel(token_logps)
+    policy = _FakeModel(token_logps, extras)
     precompute = ref_token_logps is None
     trainer = types.SimpleNamespace(
         model=policy,
@@ -78,7 +84,7 @@ def trl_dpo_loss(
         f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef,
         ld_alpha=ld_alpha,
-        use_weighting=False,
+        use_weighting=use_weighting,
         precompute_ref_logps=precompute,
         aux_loss_enabled=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},

@@ -79,36 +79,50 @@ void register_entry_points(py::module_& m) {
       "cuda_tile_fold_stats",
       [](uintptr_t tile, int dtype, int64_t rows, int64_t chunk, int64_t ld, int64_t v0, uintptr_t targets,
          uintptr_t max, uintptr_t sum_exp, uintptr_t target_logit, uintptr_t centered, uintptr_t sum_sq,
-         uintptr_t sum_logits, uintptr_t max_before_target, uintptr_t max_after_target, uintptr_t stream) {
+         uintptr_t sum_logits, uintptr_t max_before_target, uintptr_t max_after_target, double pre_scale,
+         double softcap, double post_scale, uintptr_t stream) {
         const TileStats stats{as_ptr<float>(max),        as_ptr<float>(sum_exp),           as_ptr<float>(target_logit),
                               as_ptr<float>(centered),   as_ptr<float>(sum_sq),            as_ptr<float>(sum_logits),
                               as_ptr<float>(max_before_target), as_ptr<float>(max_after_target)};
         tile_fold_stats(as_ptr<const void>(tile), dtype_from_code(dtype), rows, chunk, ld, v0,
-                        as_ptr<const int64_t>(targets), stats, as_stream(stream));
+                        as_ptr<const int64_t>(targets), stats, LogitTransform{pre_scale, softcap, post_scale},
+                        as_stream(stream));
       },
       py::arg("tile"), py::arg("dtype"), py::arg("rows"), py::arg("chunk"), py::arg("ld"), py::arg("v0"),
       py::arg("targets"), py::arg("max"), py::arg("sum_exp"), py::arg("target_logit"), py::arg("centered") = 0,
       py::arg("sum_sq") = 0, py::arg("sum_logits") = 0, py::arg("max_before_target") = 0,
-      py::arg("max_after_target") = 0, py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
-      "Fold a [rows, chunk] logits tile (vocabulary [v0, v0 + chunk), row stride ld) into running per-row fp32 "
-      "statistics: max, sum_exp, target_logit, and the optional extras (0 = not tracked). See "
-      "csrc/cuda/kernel_launchers.h for initial values and how to finish entropy, log_sum_sq_probs, mean_logits and "
-      "is_top1.");
+      py::arg("max_after_target") = 0, py::arg("pre_scale") = 1.0, py::arg("softcap") = 0.0,
+      py::arg("post_scale") = 1.0, py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+      "Fold a [rows, chunk] tile of GEMM outputs y (fp32/bf16/fp16 device pointer; vocabulary [v0, v0 + chunk), "
+      "row stride ld) into running per-row fp32 statistics of the logits z = post_scale * softcap * "
+      "tanh(pre_scale * y / softcap) (softcap > 0) or post_scale * pre_scale * y (softcap == 0), computed in fp32: "
+      "max, sum_exp, target_logit (required), and the optional extras centered, sum_sq, sum_logits, "
+      "max_before_target, max_after_target (0 = not tracked). targets: int64 [rows], global vocabulary indices. "
+      "Enqueued on `stream`. See csrc/cuda/kernel_launchers.h for initial values and how to finish token_logp, "
+      "entropy, log_sum_sq_probs, mean_logits and is_top1.");
 
   m.def(
       "cuda_tile_logits_grad",
       [](uintptr_t tile, int dtype, int64_t rows, int64_t chunk, int64_t ld, int64_t v0, uintptr_t targets,
-         uintptr_t row_stats, uintptr_t grad, uintptr_t stream) {
+         uintptr_t row_stats, uintptr_t grad, uintptr_t entropy_grad, uintptr_t entropy, double pre_scale,
+         double softcap, double post_scale, uintptr_t stream) {
         tile_logits_grad(as_ptr<void>(tile), dtype_from_code(dtype), rows, chunk, ld, v0,
                          as_ptr<const int64_t>(targets), as_ptr<const float>(row_stats), as_ptr<const float>(grad),
-                         as_stream(stream));
+                         as_ptr<const float>(entropy_grad), as_ptr<const float>(entropy),
+                         LogitTransform{pre_scale, softcap, post_scale}, as_stream(stream));
       },
       py::arg("tile"), py::arg("dtype"), py::arg("rows"), py::arg("chunk"), py::arg("ld"), py::arg("v0"),
-      py::arg("targets"), py::arg("row_stats"), py::arg("grad"), py::arg("stream") = 0,
-      py::call_guard<py::gil_scoped_release>(),
-      "In place: tile[r, j] = grad[r] * (onehot(v0 + j == targets[r]) - exp((tile[r, j] - m) - log_sum)) for a "
-      "[rows, chunk] logits tile with row stride ld, (m, log_sum) = row_stats[r] (fp32 [rows, 2]: the row's max and "
-      "log(sum_exp) over the whole vocabulary); zero rows where grad[r] == 0.");
+      py::arg("targets"), py::arg("row_stats"), py::arg("grad"), py::arg("entropy_grad") = 0,
+      py::arg("entropy") = 0, py::arg("pre_scale") = 1.0, py::arg("softcap") = 0.0, py::arg("post_scale") = 1.0,
+      py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+      "In place, the gradient w.r.t. y of a [rows, chunk] tile of GEMM outputs y (row stride ld, vocabulary "
+      "[v0, v0 + chunk)), with z the transformed logits (see cuda_tile_fold_stats), logp = (z - m) - log_sum, "
+      "p = exp(logp), (m, log_sum) = row_stats[r] (fp32 [rows, 2]: the row's max and log(sum_exp) over the whole "
+      "vocabulary): dz = grad[r] * (onehot(v0 + j == targets[r]) - p) - entropy_grad[r] * p * (logp + entropy[r]) "
+      "(the entropy term only when entropy_grad and entropy are given; 0 = none, both or neither), "
+      "dy = dz * pre_scale * post_scale * (1 - tanh(pre_scale * y / softcap)^2) (softcap > 0) or "
+      "dz * pre_scale * post_scale. Rows with grad == 0 and entropy_grad == 0 become zeros without being read. "
+      "Enqueued on `stream`.");
 }
 
 }  // namespace dpo::cuda

@@ -3,8 +3,9 @@
 // log(sum_j exp(in[j] - m)). in[j] - m is taken first: it is exact for logits near the max, so a
 // probability that matters never carries the rounding of a large log-sum-exp (fp32 lse of logits
 // near 1e4 is off by ~6e-4). The device building block of the logits backward and of the linear
-// path's tile gradient. A block of threads covers one span; each element is read once and written
-// once by the same thread, so `out` may be `in` (in-place backward). Nothing is materialised.
+// path's tile gradient (which substitutes its own per-element formula through gradient_span_with).
+// A block of threads covers one span; each element is read once and written once by the same
+// thread, so `out` may be `in` (in-place backward). Nothing is materialised.
 #pragma once
 
 #include <cstdint>
@@ -59,26 +60,42 @@ __device__ __forceinline__ float fma_keep_subnormal(float a, float b, float c) {
   return r;
 }
 
-// g * (onehot - exp((x - m) - log_sum)) with a single rounding: fma(-g, p, onehot ? g : 0).
-template <bool kZero>
-__device__ __forceinline__ float logit_grad(float x, bool is_target, float m, float log_sum, float g) {
+__device__ __forceinline__ float mul_keep_subnormal(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// The logits path's element gradient: g * (onehot - exp((x - m) - log_sum)) with a single
+// rounding, fma(-g, p, onehot ? g : 0). m, log_sum: the row's statistics.
+struct LogitsGrad {
+  float m;
+  float log_sum;
+  float g;
+  __device__ __forceinline__ float operator()(float x, bool is_target) const {
+    return fma_keep_subnormal(-g, exp_keep_subnormal((x - m) - log_sum), is_target ? g : 0.f);
+  }
+};
+
+template <bool kZero, typename Op>
+__device__ __forceinline__ float element_grad(const Op& op, float x, bool is_target) {
   if constexpr (kZero) {
     return 0.f;
   } else {
-    return fma_keep_subnormal(-g, exp_keep_subnormal((x - m) - log_sum), is_target ? g : 0.f);
+    return op(x, is_target);
   }
 }
 
-// Span `span` of `num_spans` of a row of n elements, by a block of kSpanThreads threads. target:
-// index of the one-hot entry relative to in[0] (any value; outside [0, n) none is hit). m, log_sum:
-// the row's statistics (see logit_grad). kZero: write zeros and read nothing.
+// Span `span` of `num_spans` of a row of n elements, by a block of kSpanThreads threads:
+// out[j] = op(in[j], j == target) (op: a per-element functor like LogitsGrad). target: index of
+// the one-hot entry relative to in[0] (any value; outside [0, n) none is hit). kZero: write zeros
+// and read nothing (op is not called).
 // When in and out share their 16-byte phase (always true in place, and for fresh contiguous
 // buffers of aligned rows) the body moves as 16-byte vectors: span 0 also does the unaligned head,
 // the last span the tail. Otherwise every element moves as a scalar.
-template <typename T, CachePolicy P, bool kZero>
-__device__ __forceinline__ void gradient_span(const T* in, T* out, int64_t n, int64_t span, int64_t num_spans,
-                                              int64_t vectors_per_span, int64_t target, float m, float log_sum,
-                                              float g) {
+template <typename T, CachePolicy P, bool kZero, typename Op>
+__device__ __forceinline__ void gradient_span_with(const T* in, T* out, int64_t n, int64_t span, int64_t num_spans,
+                                                   int64_t vectors_per_span, int64_t target, const Op& op) {
   constexpr int K = ElementIo<T>::kPerVector;
   const int tid = threadIdx.x;
   const bool same_phase =
@@ -90,12 +107,12 @@ __device__ __forceinline__ void gradient_span(const T* in, T* out, int64_t n, in
     const int64_t tail_begin = head + num_vectors * K;
     if (span == 0 && tid < head) {
       const float x = kZero ? 0.f : load_element<T, P>(in + tid);
-      store_element<T, P>(out + tid, logit_grad<kZero>(x, tid == target, m, log_sum, g));
+      store_element<T, P>(out + tid, element_grad<kZero>(op, x, tid == target));
     }
     if (span == num_spans - 1 && tid < n - tail_begin) {
       const int64_t j = tail_begin + tid;
       const float x = kZero ? 0.f : load_element<T, P>(in + j);
-      store_element<T, P>(out + j, logit_grad<kZero>(x, j == target, m, log_sum, g));
+      store_element<T, P>(out + j, element_grad<kZero>(op, x, j == target));
     }
 
     const uint4* vin = reinterpret_cast<const uint4*>(in + head);
@@ -124,7 +141,7 @@ __device__ __forceinline__ void gradient_span(const T* in, T* out, int64_t n, in
             hit = rel >= 0 && rel < K ? static_cast<int>(rel) : -1;
           }
 #pragma unroll
-          for (int k = 0; k < K; ++k) z[k] = logit_grad<kZero>(kZero ? 0.f : z[k], k == hit, m, log_sum, g);
+          for (int k = 0; k < K; ++k) z[k] = element_grad<kZero>(op, kZero ? 0.f : z[k], k == hit);
           store_raw<P>(vout + idx, ElementIo<T>::pack(z));
         }
       }
@@ -142,10 +159,18 @@ __device__ __forceinline__ void gradient_span(const T* in, T* out, int64_t n, in
 #pragma unroll
       for (int u = 0; u < kSpanScalarsInFlight; ++u) {
         const int64_t jj = j + u * kSpanThreads;
-        if (jj < end) store_element<T, P>(out + jj, logit_grad<false>(x[u], jj == target, m, log_sum, g));
+        if (jj < end) store_element<T, P>(out + jj, element_grad<false>(op, x[u], jj == target));
       }
     }
   }
+}
+
+// The logits path's span: out[j] = g * (onehot(j == target) - exp((in[j] - m) - log_sum)).
+template <typename T, CachePolicy P, bool kZero>
+__device__ __forceinline__ void gradient_span(const T* in, T* out, int64_t n, int64_t span, int64_t num_spans,
+                                              int64_t vectors_per_span, int64_t target, float m, float log_sum,
+                                              float g) {
+  gradient_span_with<T, P, kZero>(in, out, n, span, num_spans, vectors_per_span, target, LogitsGrad{m, log_sum, g});
 }
 
 }  // namespace dpo::cuda

@@ -3,7 +3,9 @@
 // walk a strided share of the row with 16-byte loads, keep online statistics in fp32 registers,
 // and are combined with warp shuffles, then (for rows spanning several warps) through shared
 // memory and a second shuffle round, merging partials with OnlineLse / SoftmaxMoments semantics:
-// exp(-inf - -inf) is never evaluated, a NaN logit propagates. Nothing is materialised.
+// exp(-inf - -inf) is never evaluated, a NaN logit propagates. Nothing is materialised. The values
+// streamed are transform(element) (logit_transform.cuh); the logits path uses the identity, for
+// which the transform compiles to nothing.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +13,7 @@
 #include "common/online_lse.h"
 #include "common/softmax_moments.h"
 #include "element_io.cuh"
+#include "logit_transform.cuh"
 
 namespace dpo::cuda {
 
@@ -160,8 +163,10 @@ __device__ __forceinline__ void fold_values(RowPartial& p, const float (&z)[U][K
 // lane, lane + threads, ... of the row's aligned body (kLoadsInFlight of them per step, issued
 // before any is used) plus at most one element of the unaligned head and one of the tail.
 // target_rel: the target's index relative to row[0] (extras only; any value, need not be in range).
-template <typename T, CachePolicy P, bool kExtras>
-__device__ __forceinline__ RowPartial stream_row(const T* row, int64_t n, int lane, int threads, int64_t target_rel) {
+// Each element enters the statistics as transform(element) in fp32; padding stays -inf.
+template <typename T, CachePolicy P, bool kExtras, typename Transform = IdentityTransform>
+__device__ __forceinline__ RowPartial stream_row(const T* row, int64_t n, int lane, int threads, int64_t target_rel,
+                                                 const Transform& transform = {}) {
   constexpr int K = ElementIo<T>::kPerVector;
   RowPartial p = RowPartial::empty();
   const int64_t head = head_to_alignment(row, n);
@@ -174,8 +179,8 @@ __device__ __forceinline__ RowPartial stream_row(const T* row, int64_t n, int la
     int rel[2];
     valid[0] = lane < head;
     valid[1] = lane < n - tail_begin;
-    z[0][0] = valid[0] ? load_element<T, P>(row + lane) : -INFINITY;
-    z[1][0] = valid[1] ? load_element<T, P>(row + tail_begin + lane) : -INFINITY;
+    z[0][0] = valid[0] ? transform(load_element<T, P>(row + lane)) : -INFINITY;
+    z[1][0] = valid[1] ? transform(load_element<T, P>(row + tail_begin + lane)) : -INFINITY;
     rel[0] = slot_of_target<1>(target_rel - lane);
     rel[1] = slot_of_target<1>(target_rel - (tail_begin + lane));
     fold_values<kExtras>(p, z, valid, rel);
@@ -197,6 +202,10 @@ __device__ __forceinline__ RowPartial stream_row(const T* row, int64_t n, int la
     for (int u = 0; u < kLoadsInFlight; ++u) {
       float z[1][K];
       ElementIo<T>::unpack(raw[u], z[0]);
+      if constexpr (!Transform::kIdentity) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) z[0][k] = valid[u] ? transform(z[0][k]) : -INFINITY;
+      }
       const int64_t first = head + (v + static_cast<int64_t>(u) * threads) * K;
       const bool vector_valid[1] = {valid[u]};
       const int rel[1] = {kExtras ? slot_of_target<K>(target_rel - first) : 0};
