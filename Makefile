@@ -9,7 +9,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo info clean
+.PHONY: install test bench demo info clean
 
 $(VENV)/.installed: $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest python_tests -ra $(PYTEST_ARGS)
+	DPO_BENCH_SMOKE=1 $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+
+# The benchmark suite at its CPU shapes (peers that are installed: pip install -e ".[bench]").
+bench: install
+	mkdir -p benchmarks/results
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+		--benchmark-json=benchmarks/results/cpu-$(shell date +%Y-%m-%d).json
 
 demo: install
 	$(PY) benchmarks/cpu_logits_demo.py
