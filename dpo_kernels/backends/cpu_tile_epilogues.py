@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import extension
-from .tile_epilogue import LogitTransform, TileStats, check_tile
+from .tile_epilogue import LogitTransform, TileStats, check_row_operand, check_tile
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,12 +25,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _ptr(t: Optional[torch.Tensor], name: str, shape, acc: torch.dtype) -> int:
     """data_ptr() of a small per-row operand after checking what the kernel assumes (0 for None)."""
-    if t is None:
-        return 0
-    if t.dtype != acc or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
-        raise ValueError(f"{name} must be a contiguous {acc} CPU tensor of shape {shape}, got {t.dtype} "
-                         f"{tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
-    return t.data_ptr()
+    check_row_operand(name, t, shape, acc, torch.device("cpu"))
+    return 0 if t is None else t.data_ptr()
 
 
 def _tile_args(tile: torch.Tensor, targets: torch.Tensor, v0: int):

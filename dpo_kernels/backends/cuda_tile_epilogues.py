@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import extension
-from .tile_epilogue import LogitTransform, TileStats, check_tile
+from .tile_epilogue import LogitTransform, TileStats, check_row_operand, check_tile
 
 _TILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATS_FIELDS = ("max", "sum_exp", "target_logit", "centered", "sum_sq", "sum_logits", "max_before_target",
@@ -58,12 +58,8 @@ def _tile_args(tile: torch.Tensor, targets: torch.Tensor, v0: int) -> Tuple[int,
 
 def _ptr(t: Optional[torch.Tensor], name: str, shape: Tuple[int, ...], device: torch.device) -> int:
     """data_ptr() of a small per-row fp32 operand after checking what the kernel assumes (0 for None)."""
-    if t is None:
-        return 0
-    if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous() or t.device != device:
-        raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape} on {device}, got {t.dtype} "
-                         f"{tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
-    return t.data_ptr()
+    check_row_operand(name, t, shape, torch.float32, device)
+    return 0 if t is None else t.data_ptr()
 
 
 def _transform_args(transform: LogitTransform) -> Tuple[float, float, float]:

@@ -130,3 +130,13 @@ def check_tile(tile: torch.Tensor, targets: torch.Tensor) -> None:
     if targets.dtype != torch.int64 or targets.shape != (tile.shape[0],) or not targets.is_contiguous():
         raise ValueError(f"targets must be contiguous int64 [{tile.shape[0]}], got {targets.dtype} "
                          f"{tuple(targets.shape)}")
+
+
+def check_row_operand(name: str, t: Optional[torch.Tensor], shape, dtype: torch.dtype, device: torch.device) -> None:
+    """A per-row operand (statistics, row_stats, grad, ...) is what the kernels assume: contiguous,
+    of `shape`, in the accumulation `dtype`, on the tile's `device`. None passes (not tracked)."""
+    if t is None:
+        return
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous() or t.device != device:
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, got "
+                         f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")

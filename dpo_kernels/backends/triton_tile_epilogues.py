@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .availability import triton_interpreting
-from .tile_epilogue import LogitTransform, TileStats, check_tile
+from .tile_epilogue import LogitTransform, TileStats, check_row_operand, check_tile
 
 _TILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -216,11 +216,7 @@ def _check_tile_dtype(tile: torch.Tensor) -> None:
 
 
 def _check_rows(name: str, t: Optional[torch.Tensor], shape, device: torch.device) -> None:
-    if t is None:
-        return
-    if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape) or not t.is_contiguous() or t.device != device:
-        raise ValueError(f"{name} must be contiguous float32 {list(shape)} on {device}, got {t.dtype} "
-                         f"{tuple(t.shape)} on {t.device}" + ("" if t.is_contiguous() else " (not contiguous)"))
+    check_row_operand(name, t, shape, torch.float32, device)
 
 
 def _scales(transform: LogitTransform):
