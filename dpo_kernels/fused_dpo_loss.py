@@ -65,6 +65,9 @@ def fused_dpo_loss(
     ignore_index: int = -100,
     shift: bool = False,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_end: Optional[int] = None,
     **loss_options,
 ) -> DPOOutput:
     """DPO-family loss of `B` pairs from the policy logits `[2B, T, V]` (chosen rows `[0, B)`, rejected `[B, 2B)`).
@@ -77,6 +80,9 @@ def fused_dpo_loss(
 
     Args:
         labels, ignore_index, shift, backend: as in `dk.sequence_logps`.
+        process_group, vocab_start, vocab_end: vocabulary parallelism, as in `dk.sequence_logps`:
+            `policy_logits` (and `ref_logits`) are this rank's `[2B, T, V_local]` slice; the loss,
+            rewards and metrics are the whole vocabulary's, identical on every rank.
         **loss_options: the keyword options of `dk.dpo_loss` (beta, loss_type, loss_weights,
             label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, simpo_gamma,
             reference_free, pair_weights) and:
@@ -102,12 +108,13 @@ def fused_dpo_loss(
     policy = sequence_logps(
         policy_logits, labels, ignore_index=ignore_index, shift=shift, token_weights=token_weights,
         return_token_logps=needs_token_logps(loss_options, token_weights), backend=backend,
+        process_group=process_group, vocab_start=vocab_start, vocab_end=vocab_end,
     )
     if ref_logits is not None:
         with torch.no_grad():
             ref = sequence_logps(
                 ref_logits, labels, ignore_index=ignore_index, shift=shift, token_weights=token_weights,
-                backend=backend,
+                backend=backend, process_group=process_group, vocab_start=vocab_start, vocab_end=vocab_end,
             )
         ref_chosen_logps, ref_rejected_logps = ref.logps.chunk(2)
     valid = aligned_targets(labels, shift, ignore_index) != ignore_index

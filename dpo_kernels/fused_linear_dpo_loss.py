@@ -66,6 +66,10 @@ def fused_linear_dpo_loss(
     chunk_size: Optional[int] = None,
     cache_budget_bytes: int = 0,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_end: Optional[int] = None,
+    reduce_hidden_grad: bool = True,
     **loss_options,
 ) -> DPOOutput:
     """DPO-family loss of `B` pairs from the policy's last hidden states `[2B, T, H]` (chosen rows
@@ -81,6 +85,10 @@ def fused_linear_dpo_loss(
         labels, ignore_index, shift: as in `dk.sequence_logps`.
         temperature, logit_scale, softcap, chunk_size, cache_budget_bytes, backend: as in
             `dk.linear_sequence_logps`; the transforms apply to policy and reference alike.
+        process_group, vocab_start, vocab_end, reduce_hidden_grad: vocabulary parallelism, as in
+            `dk.linear_sequence_logps`: `weight` / `bias` (and `ref_weight` / `ref_bias`) are this
+            rank's rows of the vocabulary; the reference is computed over the same group and range.
+            The loss, rewards and metrics are the whole vocabulary's, identical on every rank.
         **loss_options: those of `dk.fused_dpo_loss`, plus
             use_weighting: WPO (TRL 1.16): each pair's losses are multiplied by
                 w_chosen * w_rejected, w = exp(mean over the sequence's scored tokens of
@@ -102,10 +110,12 @@ def fused_linear_dpo_loss(
     token_weights = ld_alpha_weights(labels, loss_options, ignore_index=ignore_index, shift=shift, dtype=weight_dtype)
     extras = METRIC_EXTRAS + (("log_sum_sq_probs",) if loss_options.get("use_weighting", False) else ())
     linear_options = dict(ignore_index=ignore_index, shift=shift, temperature=temperature, logit_scale=logit_scale,
-                          softcap=softcap, chunk_size=chunk_size, backend=backend, token_weights=token_weights)
+                          softcap=softcap, chunk_size=chunk_size, backend=backend, token_weights=token_weights,
+                          process_group=process_group, vocab_start=vocab_start, vocab_end=vocab_end)
     policy = linear_sequence_logps(
         hidden, weight, labels, bias, extras=extras, cache_budget_bytes=cache_budget_bytes,
-        return_token_logps=needs_token_logps(loss_options, token_weights), **linear_options,
+        return_token_logps=needs_token_logps(loss_options, token_weights), reduce_hidden_grad=reduce_hidden_grad,
+        **linear_options,
     )
     if ref_hidden is not None:
         with torch.no_grad():

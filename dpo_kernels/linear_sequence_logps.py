@@ -3,6 +3,7 @@ weight, through chunked GEMMs and fused tile epilogues, never building the `[N, 
 
 from __future__ import annotations
 
+import inspect
 import math
 from numbers import Real
 from typing import Optional, Sequence
@@ -12,6 +13,8 @@ import torch
 from . import reference, validation
 from .backends.availability import resolve_backend
 from .backends.tile_epilogue import LogitTransform
+from .distributed import sharded_weights
+from .distributed.vocab_shard import resolve_vocab_shard
 from .linear_chunking import choose_chunk_size, uses_cache
 from .linear_token_logps import EXTRAS, LinearConfig, LinearTokenLogps
 from .outputs import LogpsOutput
@@ -67,6 +70,10 @@ def linear_sequence_logps(
     chunk_size: Optional[int] = None,
     cache_budget_bytes: int = 0,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_end: Optional[int] = None,
+    reduce_hidden_grad: bool = True,
 ) -> LogpsOutput:
     """Sum (or mean) over each sequence of log softmax(z)[label], with the logits
     `z = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature` never materialised.
@@ -89,6 +96,21 @@ def linear_sequence_logps(
             forward keeps them and backward skips the GEMM recompute (0, the default: never).
         backend: "auto" (Triton on CUDA, C++ on CPU), "triton", "cuda", "cpu", "reference"
             (full logits through `dk.reference`).
+        process_group: vocabulary parallelism (None: off). `weight` `[V_local, H]` (and `bias`
+            `[V_local]`) are this rank's rows `[vocab_start, vocab_end)` of the full lm_head; hidden
+            states, labels and the other arguments are the same on every rank of the group, and
+            labels are global ids. With `vocab_start` and `vocab_end` None the split is even: every
+            rank holds V_local rows and rank r holds `[r * V_local, (r + 1) * V_local)`. Outputs
+            are the whole vocabulary's, identical on every rank; every rank must backpropagate
+            the same loss. Communication per call: one all-gather of 6 int64 (the layout and a
+            labels check), all-reduces of `distributed.forward_payload_rows(extras)` values per
+            scored token in forward (3 without extras, 8 with all four), and in backward, with
+            `reduce_hidden_grad`, one all-reduce of the `[N_valid, H]` fp32 (float64) hidden
+            gradient. See dpo_kernels/distributed/.
+        reduce_hidden_grad: with process_group, sum the ranks' shares of the gradient w.r.t.
+            `hidden` over the group inside backward (Megatron's "copy to tensor-parallel region");
+            False when the caller's framework already all-reduces it (then each rank's
+            `hidden.grad` holds its own vocabulary slice's share).
 
     Only unmasked positions are projected: they are gathered into `[N_valid, H]` first. Under
     `torch.autocast` the GEMMs run in the autocast dtype (inputs are cast chunk by chunk); outside
@@ -96,10 +118,19 @@ def linear_sequence_logps(
     to `hidden`, `weight`, `bias` (each only when it requires grad), `token_weights`, through
     `logps`, `token_logps` and the `entropy` extra.
 
+    `weight` / `bias` may be FSDP2 DTensors (all-gathered for this call, gradients averaged back
+    into their shards) or partitioned DeepSpeed ZeRO-3 parameters (gathered for a call that needs
+    no gradient for them; untested): see distributed/sharded_weights.py.
+
     Materialised: the compacted hidden states, one `[N_valid, c]` tile (or every tile, within
     `cache_budget_bytes`) and a few `[N_valid]` statistics in forward; in backward the tile, an
     fp32 `[N_valid, H]` accumulator and the gradients themselves. Peak formula: linear_chunking.py.
     """
+    if sharded_weights.needs_zero3_gather(weight, bias):
+        sharded_weights.check_no_zero3_gradient(weight, bias)
+        arguments = {k: v for k, v in locals().items() if k in _ARGUMENTS}
+        with sharded_weights.zero3_gathered(weight, bias):
+            return linear_sequence_logps(**arguments)
     validation.check_tensor("hidden", hidden, dims=(2, 3))
     validation.check_tensor("weight", weight, dims=(2,))
     validation.check_backend_name(backend)
@@ -131,7 +162,12 @@ def linear_sequence_logps(
     validation.check_int("cache_budget_bytes", cache_budget_bytes)
     if cache_budget_bytes < 0:
         raise ValueError(f"cache_budget_bytes must be >= 0, got {cache_budget_bytes}")
+    validation.check_bool("reduce_hidden_grad", reduce_hidden_grad)
     name = resolve_backend(backend, hidden.device)
+    validation.check_vocab_parallel(process_group, vocab_start, vocab_end, name)
+    if process_group is not None and (sharded_weights.is_dtensor(weight) or sharded_weights.is_dtensor(bias)):
+        raise TypeError("weight / bias is a DTensor while process_group is given: for vocabulary parallelism pass "
+                        "this rank's rows as a plain tensor (weight.to_local()) with the range they hold")
     for arg, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if tensor is not None:
             validation.check_float_dtype(arg, tensor, name)
@@ -139,7 +175,11 @@ def linear_sequence_logps(
     if bias is not None and bias.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
         raise TypeError(f"bias ({bias.dtype}) must have the dtype of weight ({weight.dtype}) outside autocast")
     V = weight.shape[0]
-    validation.check_label_range(labels, V, ignore_index)
+    shard = None
+    if process_group is not None:  # collective: every rank agrees on the layout before any work
+        shard = resolve_vocab_shard(process_group, vocab_start, vocab_end, V, labels, holder="weight")
+    validation.check_label_range(labels, V if shard is None else shard.vocab_size, ignore_index)
+    weight, bias = sharded_weights.gather_dtensors(weight, bias)
 
     unbatched = hidden.dim() == 2
     if unbatched:
@@ -160,8 +200,13 @@ def linear_sequence_logps(
         targets = aligned_targets(labels, shift, ignore_index)
         valid = targets != ignore_index
         s_idx, t_idx = valid.nonzero(as_tuple=True)
-        hidden_valid = hidden[s_idx, t_idx]  # [N_valid, H]: the only positions that reach a GEMM
+        if s_idx.numel() == S * T:  # every position is scored (the caller compacted already): a view if possible
+            hidden_valid = hidden.reshape(S * T, hidden.shape[-1])
+        else:
+            hidden_valid = hidden[s_idx, t_idx]  # [N_valid, H]: the only positions that reach a GEMM
         targets_valid = targets[s_idx, t_idx].contiguous()
+        if shard is not None:
+            targets_valid = targets_valid - shard.start  # this rank's ids; others' targets never match
         n_valid = hidden_valid.shape[0]
         element_size = torch.empty((), dtype=compute_dtype).element_size()
         chunk = chunk_size or choose_chunk_size(n_valid, V, element_size, hidden.device.type)
@@ -173,6 +218,8 @@ def linear_sequence_logps(
             compute_dtype=compute_dtype,
             extras=extras,
             cache=uses_cache(n_valid, V, element_size, cache_budget_bytes),
+            shard=shard,
+            reduce_hidden_grad=reduce_hidden_grad,
         )
         outputs = LinearTokenLogps.apply(hidden_valid, weight, bias, targets_valid, config)
         acc = outputs[0].dtype
@@ -189,6 +236,9 @@ def linear_sequence_logps(
             continue
         result[key] = values[0] if unbatched else values
     return LogpsOutput(logps=logps, num_tokens=num_tokens, **result)
+
+
+_ARGUMENTS = tuple(inspect.signature(linear_sequence_logps).parameters)
 
 
 def _scatter(values: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor, S: int, T: int) -> torch.Tensor:

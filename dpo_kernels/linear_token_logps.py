@@ -11,6 +11,17 @@ into the gradient w.r.t. the GEMM output in place by the backend's epilogue, the
 accumulated in fp32 (`out_dtype=torch.float32` on CUDA; fp32 operands on CPU, which has no such
 kernel for 16-bit inputs: there the tile is copied to fp32 once per chunk). Memory: see
 linear_chunking.py.
+
+Vocabulary-parallel (`config.shard` set): `weight` holds this rank's rows `[start, end)` of the
+vocabulary and `targets` are global ids minus `start` (outside `[0, V_local)` where another rank
+holds the target). Forward folds the slice as above, then distributed/combine.py merges the ranks'
+statistics (two all-reduces of O(N) values) and every output is the whole vocabulary's. Backward
+runs the same chunk loop with the combined (max, log-sum) and entropy, which gives this rank's
+exact slice of the gradient w.r.t. the logits, so `dweight` / `dbias` are local and complete and
+`dhidden` is this slice's share of the sum; with `config.reduce_hidden_grad` it is all-reduced
+(summed over the group, in the fp32 accumulator, before the cast to hidden's dtype): the one
+collective of backward, `N * H` accumulator values. Every rank must backpropagate the same
+gradient into the (replicated) outputs.
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from .backends.tile_epilogue import LogitTransform, TileStats
+from .distributed.combine import all_reduce_, combine_tile_stats
+from .distributed.vocab_shard import VocabShard
 
 EXTRAS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
@@ -32,6 +45,8 @@ class LinearConfig(NamedTuple):
     compute_dtype: torch.dtype
     extras: Tuple[str, ...]
     cache: bool  # keep every tile for backward
+    shard: Optional[VocabShard] = None  # vocabulary-parallel: this rank's slice (see the module docstring)
+    reduce_hidden_grad: bool = False  # vocabulary-parallel: sum dhidden over shard.group in backward
 
 
 def _epilogues(backend: str):
@@ -99,9 +114,10 @@ def _weight_chunks(weight, bias, config: LinearConfig):
 
 
 class LinearTokenLogps(torch.autograd.Function):
-    """(hidden `[N, H]`, weight `[V, H]`, bias `[V]` or None, targets int64 `[N]` in `[0, V)`,
-    config) -> (token_logps `[N]`, entropy `[N]` or None, mean_logits, is_top1, log_sum_sq_probs),
-    in the accumulation dtype (is_top1 bool). Differentiable: token_logps and entropy."""
+    """(hidden `[N, H]`, weight `[V, H]`, bias `[V]` or None, targets int64 `[N]` in `[0, V)`
+    (vocabulary-parallel: global ids minus shard.start, any value), config) -> (token_logps `[N]`,
+    entropy `[N]` or None, mean_logits, is_top1, log_sum_sq_probs), in the accumulation dtype
+    (is_top1 bool). Differentiable: token_logps and entropy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, config: LinearConfig):
@@ -128,6 +144,8 @@ class LinearTokenLogps(torch.autograd.Function):
                 _tile_gemm(tile, h, chunk.weight, chunk.bias)
                 epi.fold_tile(tile, chunk.v0, targets, stats, config.transform)
         del buffer
+        if config.shard is not None:
+            stats = combine_tile_stats(stats, config.shard.group)
 
         log_sum = stats.sum_exp.log()
         token_logps = (stats.target_logit - stats.max) - log_sum
@@ -136,7 +154,7 @@ class LinearTokenLogps(torch.autograd.Function):
         if stats.centered is not None:
             entropy = log_sum - stats.centered / stats.sum_exp
         if stats.sum_logits is not None:
-            mean_logits = stats.sum_logits / V
+            mean_logits = stats.sum_logits / (V if config.shard is None else config.shard.vocab_size)
         if stats.max_before_target is not None:
             is_top1 = (stats.target_logit > stats.max_before_target) & (stats.target_logit >= stats.max_after_target)
         if stats.sum_sq is not None:
@@ -195,5 +213,7 @@ class LinearTokenLogps(torch.autograd.Function):
                 if need_bias:
                     dbias[v0:v0 + c] = gemm_tile.sum(dim=0, dtype=acc)
                 del gemm_tile
+        if dhidden is not None and config.shard is not None and config.reduce_hidden_grad:
+            all_reduce_(dhidden, torch.distributed.ReduceOp.SUM, config.shard.group)
         dhidden = None if dhidden is None else dhidden.to(hidden.dtype)
         return dhidden, dweight, dbias, None, None

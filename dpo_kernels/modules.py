@@ -17,12 +17,13 @@ from .validation import check_backend_name, check_bool, check_int
 class FusedDPOLoss(nn.Module):
     """`dk.fused_dpo_loss` with fixed options: `FusedDPOLoss(beta=0.1, loss_type="ipo")(logits, labels, ...)`.
 
-    Options (checked here, at construction): `ignore_index`, `shift`, `backend` and the loss options
-    of `dk.fused_dpo_loss` except `pair_weights`, which is per batch and goes to `forward`.
+    Options (checked here, at construction): `ignore_index`, `shift`, `backend`, the vocabulary-parallel
+    `process_group` / `vocab_start` / `vocab_end`, and the loss options of `dk.fused_dpo_loss` except `pair_weights`, which is per batch and goes to `forward`.
     The module has no parameters or buffers.
     """
 
-    def __init__(self, *, ignore_index: int = -100, shift: bool = False, backend: str = "auto", **loss_options):
+    def __init__(self, *, ignore_index: int = -100, shift: bool = False, backend: str = "auto", process_group=None,
+                 vocab_start: Optional[int] = None, vocab_end: Optional[int] = None, **loss_options):
         super().__init__()
         if "pair_weights" in loss_options:
             raise TypeError("FusedDPOLoss() takes pair_weights in forward(), not as an option: it is per batch")
@@ -33,6 +34,7 @@ class FusedDPOLoss(nn.Module):
         self.ignore_index = ignore_index
         self.shift = shift
         self.backend = backend
+        self.vocab_parallel = dict(process_group=process_group, vocab_start=vocab_start, vocab_end=vocab_end)
         self.loss_options = dict(loss_options)
 
     def forward(
@@ -47,7 +49,7 @@ class FusedDPOLoss(nn.Module):
         return fused_dpo_loss(
             policy_logits, labels, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
             ref_logits=ref_logits, ignore_index=self.ignore_index, shift=self.shift, backend=self.backend,
-            pair_weights=pair_weights, **self.loss_options,
+            pair_weights=pair_weights, **self.vocab_parallel, **self.loss_options,
         )
 
     def extra_repr(self) -> str:
@@ -61,14 +63,17 @@ class FusedLinearDPOLoss(nn.Module):
     `FusedLinearDPOLoss(beta=0.1, softcap=30.0)(hidden, lm_head.weight, labels, ...)`.
 
     Options (checked here, at construction): `ignore_index`, `shift`, `temperature`,
-    `logit_scale`, `softcap`, `chunk_size`, `cache_budget_bytes`, `backend` and the loss options of
+    `logit_scale`, `softcap`, `chunk_size`, `cache_budget_bytes`, `backend`, the vocabulary-parallel
+    `process_group` / `vocab_start` / `vocab_end` / `reduce_hidden_grad`, and the loss options of
     `dk.fused_linear_dpo_loss` except `pair_weights` (per batch: a `forward` argument). The module
     has no parameters: the lm_head weight is passed to `forward`, so it stays the model's.
     """
 
     def __init__(self, *, ignore_index: int = -100, shift: bool = False, temperature: float = 1.0,
                  logit_scale: float = 1.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-                 cache_budget_bytes: int = 0, backend: str = "auto", **loss_options):
+                 cache_budget_bytes: int = 0, backend: str = "auto", process_group=None,
+                 vocab_start: Optional[int] = None, vocab_end: Optional[int] = None,
+                 reduce_hidden_grad: bool = True, **loss_options):
         super().__init__()
         if "pair_weights" in loss_options:
             raise TypeError("FusedLinearDPOLoss() takes pair_weights in forward(), not as an option: it is per batch")
@@ -78,7 +83,9 @@ class FusedLinearDPOLoss(nn.Module):
         check_fused_options(loss_options, "FusedLinearDPOLoss", supports_wpo=True)
         self.linear_options = dict(ignore_index=ignore_index, shift=shift, temperature=temperature,
                                    logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size,
-                                   cache_budget_bytes=cache_budget_bytes, backend=backend)
+                                   cache_budget_bytes=cache_budget_bytes, backend=backend,
+                                   process_group=process_group, vocab_start=vocab_start, vocab_end=vocab_end,
+                                   reduce_hidden_grad=reduce_hidden_grad)
         self.loss_options = dict(loss_options)
 
     def forward(

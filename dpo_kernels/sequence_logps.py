@@ -8,6 +8,8 @@ import torch
 
 from . import reference, validation
 from .backends.availability import resolve_backend
+from .distributed.vocab_parallel_logits import VocabParallelTokenLogps
+from .distributed.vocab_shard import resolve_vocab_shard
 from .outputs import LogpsOutput
 from .sequence_reduction import aligned_targets, aligned_weights, reduce_to_sequences
 from .token_logps_op import token_logps
@@ -24,6 +26,9 @@ def sequence_logps(
     return_token_logps: bool = False,
     inplace_backward: bool = False,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_end: Optional[int] = None,
 ) -> LogpsOutput:
     """Sum (or mean) over each sequence of log softmax(logits)[label], fused.
 
@@ -45,6 +50,14 @@ def sequence_logps(
             The reference backend ignores it.
         backend: "auto" (Triton on CUDA, the C++ kernel on CPU), "triton", "cuda", "cpu" or
             "reference" (the unfused PyTorch computation).
+        process_group: vocabulary parallelism (None: off). `logits` `[..., V_local]` are this
+            rank's columns `[vocab_start, vocab_end)` of the full logits (with both None, an even
+            split: every rank holds V_local columns, rank r `[r * V_local, (r + 1) * V_local)`);
+            labels (global ids) and the other arguments are the same on every rank. Outputs are
+            the whole vocabulary's, identical on every rank; every rank must backpropagate the
+            same loss. Communication per call: one all-gather of 6 int64 (layout and labels
+            check) and all-reduces of 3 * S * T values (fp32; float64 for float64 logits) in
+            forward, nothing in backward (each rank writes its own slice of the logits gradient).
 
     Materialised: `[S, T]` fp32 token log-probs and log-sum-exps in forward; in backward the
     logits gradient (none with `inplace_backward`). Nothing else of size `V`.
@@ -65,7 +78,11 @@ def sequence_logps(
         raise ValueError("inplace_backward=True needs logits whose rows do not overlap (a stride is 0)")
     name = resolve_backend(backend, logits.device)
     validation.check_float_dtype("logits", logits, name)
-    validation.check_label_range(labels, logits.shape[-1], ignore_index)
+    validation.check_vocab_parallel(process_group, vocab_start, vocab_end, name)
+    shard = None
+    if process_group is not None:  # collective: every rank agrees on the layout before any work
+        shard = resolve_vocab_shard(process_group, vocab_start, vocab_end, logits.shape[-1], labels, holder="logits")
+    validation.check_label_range(labels, logits.shape[-1] if shard is None else shard.vocab_size, ignore_index)
 
     unbatched = logits.dim() == 2
     if unbatched:
@@ -83,7 +100,10 @@ def sequence_logps(
         logps, num_tokens = ref.logps, ref.num_tokens
     else:
         targets = aligned_targets(labels, shift, ignore_index)
-        per_position, _ = token_logps(logits, targets, ignore_index, name, inplace_backward)
+        if shard is None:
+            per_position, _ = token_logps(logits, targets, ignore_index, name, inplace_backward)
+        else:
+            per_position = VocabParallelTokenLogps.apply(logits, targets, ignore_index, shard, name, inplace_backward)
         weights = None if token_weights is None else aligned_weights(token_weights, shift, per_position.dtype)
         logps, num_tokens = reduce_to_sequences(per_position, targets != ignore_index, weights, average)
 

@@ -102,3 +102,29 @@ def check_bool(name: str, value) -> None:
 def check_backend_name(backend) -> None:
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+def check_vocab_parallel(process_group, vocab_start, vocab_end, backend: str) -> None:
+    """The vocabulary-parallel arguments, locally (the layout across ranks is checked by
+    distributed.vocab_shard.resolve_vocab_shard, collectively)."""
+    if process_group is None:
+        for name, value in (("vocab_start", vocab_start), ("vocab_end", vocab_end)):
+            if value is not None:
+                raise ValueError(f"{name} is given without process_group: a vocabulary range only means something "
+                                 "for a vocabulary-parallel call (pass process_group too)")
+        return
+    from .distributed.vocab_shard import check_process_group  # noqa: PLC0415 (only for distributed calls)
+
+    check_process_group(process_group)
+    if (vocab_start is None) != (vocab_end is None):
+        raise ValueError("give both vocab_start and vocab_end (an explicit split) or neither (an even split), got "
+                         f"vocab_start={vocab_start!r}, vocab_end={vocab_end!r}")
+    if vocab_start is not None:
+        check_int("vocab_start", vocab_start)
+        check_int("vocab_end", vocab_end)
+        if not 0 <= vocab_start < vocab_end:
+            raise ValueError(f"vocab_start and vocab_end must satisfy 0 <= vocab_start < vocab_end, got "
+                             f"[{vocab_start}, {vocab_end})")
+    if backend == "reference":
+        raise ValueError("backend='reference' has no vocabulary-parallel form (it builds the full logits): with "
+                         "process_group use backend='auto', 'cpu', 'triton' or 'cuda'")

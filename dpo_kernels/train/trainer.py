@@ -1,0 +1,400 @@
+"""`DPOTrainer`: the DPO loss family on a Hugging Face causal LM through `dk.fused_linear_dpo_loss`.
+
+Each step runs the model's backbone only (no lm_head forward, so no `[2B, T, V]` logits), then the
+linear path scores the completion tokens from the last hidden states and the lm_head weight (tied
+or not, with its bias, `logit_scale` and `final_logit_softcapping`). The reference log-probs come
+from a frozen copy of the policy (or a given reference model), scored live or precomputed once and
+cached on disk. AdamW with warmup and a schedule, gradient accumulation and clipping, bf16 autocast
+on CUDA, gradient checkpointing, held-out evaluation, JSONL metrics, PNG plots, atomic checkpoints
+with exact resume, and `save_pretrained` at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..fused_linear_dpo_loss import fused_linear_dpo_loss
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from .config import TrainConfig
+from .data import collate_pairs
+from .data_parallel import DataParallel
+from .fingerprint import model_fingerprint, pairs_fingerprint
+from .lr_schedule import make_scheduler
+from .metrics_log import MetricsLog
+from .output_head import check_output_head, last_hidden_states, output_head
+from .reference_logps import precompute_reference_logps, reference_sequence_logps
+
+log = logging.getLogger(__name__)
+
+# settings a resumed run may change: they do not alter the sequence of losses
+BOOKKEEPING = ("output_dir", "ref_cache_dir", "progress_bar", "plots", "log_every", "eval_every", "save_every",
+               "keep_checkpoints", "eval_batch_pairs")
+
+
+class DPOTrainer:
+    """Train `model` (an `AutoModelForCausalLM`) on tokenised preference pairs.
+
+    Args:
+        model: the policy; trained in place.
+        tokenizer: used for its pad token (and saved with the model at the end).
+        train_pairs, eval_pairs: `TokenizedPair`s (see `dpo_kernels.train.data`).
+        config: a `TrainConfig`.
+        ref_model: the reference; default a frozen copy of `model` as it is now (not used, and not
+            made, with `reference_free=True`). With `precompute_ref_logps` it is freed after scoring.
+        device: default: CUDA when available, else CPU.
+    """
+
+    def __init__(self, model, tokenizer, train_pairs: Sequence, config: TrainConfig, *,
+                 eval_pairs: Optional[Sequence] = None, ref_model=None, device=None, ignore_index: int = -100):
+        config.validate()
+        if len(train_pairs) == 0:
+            raise ValueError("train_pairs is empty: nothing to train on")
+        self.config = config
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.train_pairs = list(train_pairs)
+        self.eval_pairs = list(eval_pairs or [])
+        self.ignore_index = ignore_index
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
+        self.output_dir = Path(config.output_dir)
+        self.loss_options = dict(config.loss_options)
+        self.dp = DataParallel()
+        self.dp.broadcast_parameters(self.model)
+        if config.disable_dropout:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.head = output_head(self.model)
+        probe = collate_pairs(self.train_pairs[:1], pad_token_id=self.pad_token_id, ignore_index=ignore_index)
+        check_output_head(self.model, self.head, probe["input_ids"][:1].to(self.device),
+                          probe["attention_mask"][:1].to(self.device))
+
+        self.reference_free = bool(self.loss_options.get("reference_free", False))
+        self.ref_model = None
+        if not self.reference_free:
+            self.ref_model = copy.deepcopy(self.model) if ref_model is None else ref_model.to(self.device)
+            self.ref_model.eval().requires_grad_(False)
+            if config.disable_dropout:
+                for module in self.ref_model.modules():
+                    if isinstance(module, torch.nn.Dropout):
+                        module.p = 0.0
+        self.ref_fingerprint = None if self.ref_model is None else model_fingerprint(self.ref_model)
+        self.data_fingerprint = pairs_fingerprint(self.train_pairs)
+        self._ref_tables = {}
+
+        micro_per_epoch = math.ceil(len(self.train_pairs) / (config.batch_pairs * self.dp.world_size))
+        self.micro_per_epoch = micro_per_epoch
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * micro_per_epoch
+                                                                / config.grad_accumulation))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]  # biases and norm scales, as HF's Trainer
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps)
+        self.scheduler = make_scheduler(self.optimizer, warmup_steps=config.warmup_steps,
+                                        total_steps=self.total_steps, schedule=config.lr_schedule)
+        self.step = 0
+
+    # -- numerics -------------------------------------------------------------------------------------
+    def autocast(self):
+        mode = self.config.mixed_precision
+        if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- data -----------------------------------------------------------------------------------------
+    def _batch(self, pairs: Sequence, indices: torch.Tensor) -> dict:
+        batch = collate_pairs([pairs[i] for i in indices.tolist()], pad_token_id=self.pad_token_id,
+                              ignore_index=self.ignore_index)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch["pair_index"] = indices.to(self.device)
+        return batch
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        n = len(self.train_pairs)
+        if not self.config.shuffle:
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch))
+
+    def global_micro_batch(self, index: int) -> torch.Tensor:
+        """Pair indices of the `index`-th global micro-batch of the run (`batch_pairs` per rank); a
+        pure function of the index, the seed, the data and the world size, which makes resume exact."""
+        epoch, position = divmod(index, self.micro_per_epoch)
+        size = self.config.batch_pairs * self.dp.world_size
+        return self._epoch_order(epoch)[position * size:(position + 1) * size]
+
+    def _local_part(self, pairs: Sequence, indices: torch.Tensor):
+        """(batch, pairs it counts for) of this rank's part of a global batch. A rank whose part is
+        empty still runs its first pair, with weight 0, so every rank takes part in the collectives."""
+        part = self.dp.local_part(indices)
+        if part.numel() == 0:
+            return self._batch(pairs, indices[:1]), 0
+        return self._batch(pairs, part), part.numel()
+
+    def _eval_batches(self):
+        size = (self.config.eval_batch_pairs or self.config.batch_pairs) * self.dp.world_size
+        for start in range(0, len(self.eval_pairs), size):
+            yield self._local_part(self.eval_pairs, torch.arange(start, min(start + size, len(self.eval_pairs))))
+
+    # -- reference ------------------------------------------------------------------------------------
+    def _precompute(self, split: str, pairs: Sequence) -> torch.Tensor:
+        size = self.config.eval_batch_pairs or self.config.batch_pairs
+
+        def batches():
+            for start in range(0, len(pairs), size):
+                yield self._batch(pairs, torch.arange(start, min(start + size, len(pairs))))
+
+        cache_dir = Path(self.config.ref_cache_dir or self.output_dir / "ref_logps")
+        return precompute_reference_logps(
+            self.ref_model, pairs, batches, cache_dir=cache_dir, loss_options=self.loss_options,
+            ignore_index=self.ignore_index, chunk_size=self.config.chunk_size, backend=self.config.backend,
+            autocast=self.autocast, progress=self._progress,
+        ).to(self.device)
+
+    def prepare_reference(self) -> None:
+        """With `precompute_ref_logps`: score (or load) both splits, then free the reference model.
+        Under data parallelism rank 0 scores and writes the cache; the other ranks then load it."""
+        if self.reference_free or not self.config.precompute_ref_logps or self._ref_tables:
+            return
+        splits = [("train", self.train_pairs)] + ([("eval", self.eval_pairs)] if self.eval_pairs else [])
+        if not self.dp.is_main:
+            self.dp.barrier()
+        for split, pairs in splits:
+            self._ref_tables[split] = self._precompute(split, pairs)
+        if self.dp.is_main:
+            self.dp.barrier()
+        self.ref_model = None
+
+    def _reference(self, split: str, batch: dict):
+        if self.reference_free:
+            return None, None
+        if split in self._ref_tables:
+            table = self._ref_tables[split][batch["pair_index"]]
+            return table[:, 0], table[:, 1]
+        logps = reference_sequence_logps(self.ref_model, batch, loss_options=self.loss_options,
+                                         ignore_index=self.ignore_index, chunk_size=self.config.chunk_size,
+                                         backend=self.config.backend, autocast=self.autocast)
+        return logps.chunk(2)
+
+    # -- loss -----------------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict, split: str = "train"):
+        """`dk.DPOOutput` of one batch: backbone forward, then the fused linear DPO loss."""
+        ref_chosen, ref_rejected = self._reference(split, batch)
+        with self.autocast():
+            hidden = last_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+            return fused_linear_dpo_loss(
+                hidden, self.head.weight, batch["labels"], self.head.bias, ref_chosen_logps=ref_chosen,
+                ref_rejected_logps=ref_rejected, ignore_index=self.ignore_index, shift=True,
+                logit_scale=self.head.logit_scale, softcap=self.head.softcap, chunk_size=self.config.chunk_size,
+                backend=self.config.backend, **self.loss_options)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss and metrics over the held-out pairs, averaged with each batch weighted by its pairs."""
+        if not self.eval_pairs:
+            return {}
+        self.prepare_reference()
+        was_training = self.model.training
+        self.model.eval()
+        totals = {}
+        try:
+            for batch, pairs in self._eval_batches():
+                out = self.compute_loss(batch, "eval")
+                for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+                    totals[key] = totals.get(key, 0.0) + value * pairs
+                totals["pairs"] = totals.get("pairs", 0.0) + pairs
+        finally:
+            self.model.train(was_training)
+        totals = self.dp.sum_values(totals, self.device)
+        count = totals.pop("pairs")
+        return {key: value / count for key, value in totals.items()}
+
+    def _train_step(self) -> dict:
+        """One optimiser step over `grad_accumulation` micro-batches; returns its metrics."""
+        config = self.config
+        first = self.step * config.grad_accumulation
+        global_batches = [self.global_micro_batch(first + i) for i in range(config.grad_accumulation)]
+        total_pairs = sum(indices.numel() for indices in global_batches)
+        totals = {}
+        for indices in global_batches:
+            batch, pairs = self._local_part(self.train_pairs, indices)
+            out = self.compute_loss(batch, "train")
+            share = pairs / total_pairs  # the step's loss is the mean over all its pairs, on all ranks
+            (out.loss * share).backward()
+            for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value * share
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.dp.sum_gradients(params)
+        totals = self.dp.sum_values(totals, self.device)
+        if config.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
+        totals["grad_norm"] = float(grad_norm)
+        totals["learning_rate"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        totals["epoch"] = self.step * config.grad_accumulation / self.micro_per_epoch
+        return totals
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "total_steps": self.total_steps, "config": self.config.to_dict(),
+                "reference": self.ref_fingerprint, "data": self.data_fingerprint,
+                "world_size": self.dp.world_size, "format": 1}
+
+    def save_checkpoint(self) -> Path:
+        """Rank 0 writes the checkpoint (with every rank's random state); all ranks return its path."""
+        states = [rng_state()]
+        if self.dp.active:
+            import torch.distributed as dist
+            states = [None] * self.dp.world_size
+            dist.all_gather_object(states, rng_state())
+        path = self.output_dir / "checkpoints" / f"step-{self.step:08d}"
+        if self.dp.is_main:
+            path = save_checkpoint(self.output_dir / "checkpoints", self.step, model=self.model,
+                                   optimizer=self.optimizer, scheduler=self.scheduler,
+                                   trainer_state=self._trainer_state(), keep=self.config.keep_checkpoints,
+                                   rng_states=states)
+        self.dp.barrier()
+        return path
+
+    def resume(self, checkpoint: Optional[Path] = None) -> Optional[Path]:
+        """Restore the latest checkpoint under `output_dir` (or `checkpoint`). Refuses a checkpoint
+        of other data, another reference model, or settings that change the losses."""
+        path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir / "checkpoints")
+        if path is None:
+            return None
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                rank=self.dp.rank)
+        saved, now = state["config"], self.config.to_dict()
+        changed = sorted(k for k in now if k not in BOOKKEEPING and _jsonable(saved.get(k)) != _jsonable(now[k]))
+        problems = [f"setting {k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in changed]
+        if state["data"] != self.data_fingerprint:
+            problems.append("the training pairs differ")
+        if state.get("world_size", 1) != self.dp.world_size:
+            problems.append(f"it was written by {state.get('world_size', 1)} process(es), this run has "
+                            f"{self.dp.world_size}")
+        if state["reference"] != self.ref_fingerprint:
+            problems.append("the reference model differs (pass the model the run started from)")
+        if problems:
+            raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def _progress(self, iterable=None, **kwargs):
+        if not self.config.progress_bar or not self.dp.is_main:
+            return iterable if iterable is not None else _NullBar()
+        from tqdm.auto import tqdm
+        return tqdm(iterable, dynamic_ncols=True, **kwargs)
+
+    def train(self, *, resume: bool = False, stop_after_step: Optional[int] = None) -> dict:
+        """Run to `total_steps` (or stop after `stop_after_step`, leaving a checkpoint to resume from).
+        Returns the last held-out metrics (or the last training metrics without an eval split)."""
+        config = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume() if resume else None
+        if not resumed:
+            torch.manual_seed(config.seed)
+        metrics_log = (MetricsLog(self.output_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
+                       if self.dp.is_main else _NullLog())
+        self.prepare_reference()
+        self.model.train()
+        last_eval = {}
+        if not resumed:
+            last_eval = self._log_eval(metrics_log)
+        bar = self._progress(total=self.total_steps, initial=self.step, desc="train", unit="step")
+        end = self.total_steps if stop_after_step is None else min(self.total_steps, stop_after_step)
+        started, last = time.perf_counter(), {}
+        try:
+            while self.step < end:
+                last = self._train_step()
+                if self.step % config.log_every == 0 or self.step == self.total_steps:
+                    metrics_log.write(self.step, "train", last)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
+                if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
+                    last_eval = self._log_eval(metrics_log, bar)
+                if config.save_every and self.step % config.save_every == 0 and self.step < end:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            if self.dp.active:  # the other ranks may be anywhere: no collective checkpoint
+                raise
+            path = self.save_checkpoint()
+            log.warning("interrupted at step %d; checkpoint %s (resume with --resume)", self.step, path)
+            raise
+        bar.close()
+        self.save_checkpoint()
+        if self.step < self.total_steps:
+            return last
+        last_eval = self._log_eval(metrics_log) or last_eval
+        if self.dp.is_main:
+            log.info("trained %d steps in %.1f s", self.step, time.perf_counter() - started)
+            self.save_model(self.output_dir / "model")
+            if config.plots:
+                from .plots import plot_metrics
+                plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "plots" / "training.png")
+        self.dp.barrier()
+        return last_eval or last
+
+    def _log_eval(self, metrics_log: MetricsLog, bar=None) -> dict:
+        metrics = self.evaluate()
+        if metrics and self.dp.is_main:
+            metrics_log.write(self.step, "eval", metrics)
+            message = (f"step {self.step}: held-out loss {metrics['loss']:.4f}, reward accuracy "
+                       f"{metrics['rewards/accuracies']:.3f}, margin {metrics['rewards/margins']:.4f}")
+            (bar.write if bar is not None and hasattr(bar, "write") else log.info)(message)
+        return metrics
+
+    def save_model(self, directory: Path) -> Path:
+        """`save_pretrained` of the policy (safetensors) and the tokenizer into `directory`."""
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return directory
+
+
+class _NullLog:
+    def write(self, step, split, metrics):
+        pass
+
+
+class _NullBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _jsonable(value):
+    """Settings compared as they are stored in JSON (tuples become lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
