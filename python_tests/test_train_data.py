@@ -82,6 +82,10 @@ IMPLICIT_CONVERSATIONAL = [
 ]
 
 
+FORMATS = [STANDARD, IMPLICIT, CONVERSATIONAL, IMPLICIT_CONVERSATIONAL]
+FORMAT_NAMES = ["standard", "implicit", "conversational", "implicit-conversational"]
+
+
 # ---------------------------------------------------------------------------------------------------- loading
 
 
@@ -91,7 +95,7 @@ def _write_jsonl(path, rows):
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json-list", "json-splits", "list", "dataset", "dataset-dict"])
-@pytest.mark.parametrize("rows", [STANDARD, IMPLICIT, CONVERSATIONAL, IMPLICIT_CONVERSATIONAL], ids=lambda r: str(len(r)))
+@pytest.mark.parametrize("rows", FORMATS, ids=FORMAT_NAMES)
 def test_every_format_loads_from_every_source(tmp_path, kind, rows):
     split = None
     if kind == "jsonl":
@@ -171,33 +175,41 @@ def test_null_prompt_means_implicit_and_null_message_keys_are_dropped():
     records = load_preference_records(datasets.Dataset.from_list(rows))
     assert records[1] == PreferenceRecord("Q: 2+2? A:", " 4", " 5", "dataset[1]")
     messages = [{"role": "user", "content": "hi", "name": None}]
-    (record,) = load_preference_records([{"prompt": messages, "chosen": [assistant("a")], "rejected": [assistant("b")]}])
+    (record,) = load_preference_records([_conversation(messages)])
     assert record.prompt == [user("hi")]
 
 
+def _conversation(prompt):
+    """A conversational record with `prompt` and valid completions."""
+    return {"prompt": prompt, "chosen": [assistant("c")], "rejected": [assistant("r")]}
+
+
+# (a record, or a raw line of text, and what the error must say after "file:line: ")
 BAD_LINES = [
-    ('{"prompt": "p", "rejected": "r"}', r"field 'chosen' is missing"),
-    ('{"prompt": "p", "chosen": "c"}', r"field 'rejected' is missing"),
-    ('{"prompt": "p", "chosen": 7, "rejected": "r"}', r"field 'chosen': expected a string or a list of messages, got int"),
-    ('{"prompt": "p", "chosen": "c", "rejected": ""}', r"field 'rejected' is empty"),
-    ('{"prompt": "p", "chosen": [], "rejected": "r"}', r"field 'chosen' is empty"),
-    ('{"prompt": 3, "chosen": "c", "rejected": "r"}', r"field 'prompt': expected a string or a list of messages, got int"),
-    ('{"prompt": "p", "chosen": "c", "rejected": [{"role": "assistant", "content": "r"}]}', r"field 'rejected' is a list of messages but 'chosen' is a string"),
-    ('{"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}', r"field 'prompt' is a string but 'chosen' and 'rejected' are a list of messages"),
-    ('{"prompt": [], "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}', r"field 'prompt' is an empty list"),
-    ('{"prompt": [{"role": "robot", "content": "x"}], "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}', r"field 'prompt', message 0: unknown role 'robot'"),
-    ('{"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}', r"field 'prompt', message 0: 'content' is missing"),
-    ('{"prompt": [{"role": "user", "content": ["x"]}], "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}', r"field 'prompt', message 0: 'content' must be a string, got a list"),
-    ('{"prompt": ["hi"], "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}', r"field 'prompt', message 0: expected an object with 'role' and 'content', got str"),
-    ('["p", "c", "r"]', r"expected an object with fields prompt/chosen/rejected, got a list"),
-    ('{"prompt": "p", "chosen": "c", "rejected": "r"', r"invalid JSON"),
+    ({"prompt": "p", "rejected": "r"}, r"field 'chosen' is missing"),
+    ({"prompt": "p", "chosen": "c"}, r"field 'rejected' is missing"),
+    ({"prompt": "p", "chosen": 7, "rejected": "r"}, r"field 'chosen': expected a string or a list of messages, got in"),
+    ({"prompt": 3, "chosen": "c", "rejected": "r"}, r"field 'prompt': expected a string or a list of messages, got in"),
+    ({"prompt": "p", "chosen": "c", "rejected": ""}, r"field 'rejected' is empty"),
+    ({"prompt": "p", "chosen": [], "rejected": "r"}, r"field 'chosen' is empty"),
+    ({"prompt": "p", "chosen": "c", "rejected": [assistant("r")]},
+     r"field 'rejected' is a list of messages but 'chosen' is a string"),
+    (_conversation("p"), r"field 'prompt' is a string but 'chosen' and 'rejected' are a list of messages"),
+    (_conversation([]), r"field 'prompt' is an empty list"),
+    (_conversation([{"role": "robot", "content": "x"}]), r"field 'prompt', message 0: unknown role 'robot'"),
+    (_conversation([{"role": "user"}]), r"field 'prompt', message 0: 'content' is missing"),
+    (_conversation([user(["x"])]), r"field 'prompt', message 0: 'content' must be a string, got a list"),
+    (_conversation(["hi"]), r"field 'prompt', message 0: expected an object with 'role' and 'content', got str"),
+    (["p", "c", "r"], r"expected an object with fields prompt/chosen/rejected, got a list"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r"', r"invalid JSON \(Expecting ',' delimiter, column 47\)"),
 ]
 
 
-@pytest.mark.parametrize("line, message", BAD_LINES, ids=[m[:30] for _, m in BAD_LINES])
-def test_malformed_jsonl_record_names_file_line_and_field(tmp_path, line, message):
+@pytest.mark.parametrize("bad, message", BAD_LINES, ids=[m[:30] for _, m in BAD_LINES])
+def test_malformed_jsonl_record_names_file_line_and_field(tmp_path, bad, message):
     path = tmp_path / "pairs.jsonl"
     good = json.dumps(STANDARD[0])
+    line = bad if isinstance(bad, str) else json.dumps(bad)
     path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n", encoding="utf-8")  # the bad record is on line 4
     with pytest.raises(ValueError, match=re.escape(f"{path}:4: ") + message):
         load_preference_records(path)
@@ -271,12 +283,16 @@ def test_standard_tokenisation_by_hand():
     tokenizer = default_tokenizer()
     records = load_preference_records(STANDARD[:3])
     pairs, report = tokenize_pairs(records, tokenizer)
-    assert pairs[0] == TokenizedPair([BOS] + ids("sort: c a b"), ids(" a b c") + [EOS], ids(" c b a") + [EOS], "records[0]")
+    assert pairs[0] == TokenizedPair(
+        [BOS] + ids("sort: c a b"), ids(" a b c") + [EOS], ids(" c b a") + [EOS], "records[0]"
+    )
     # the EOS already present is not doubled; non-ASCII characters are spelt in UTF-8 bytes
-    assert pairs[1].prompt_ids == [BOS] + ids("Hi \u00fc \u65e5\u672c") and len(pairs[1].prompt_ids) == 1 + 3 + 2 + 1 + 6
+    assert pairs[1].prompt_ids == [BOS] + ids("Hi \u00fc \u65e5\u672c")
+    assert len(pairs[1].prompt_ids) == 1 + 3 + 2 + 1 + 6
     assert pairs[1].chosen_ids == ids(" there") + [EOS]
     assert pairs[1].rejected_ids == ids("!") + [EOS]
     assert pairs[2] == TokenizedPair([BOS], ids("x") + [EOS], ids("x") + [EOS], "records[2]")
+    assert isinstance(report, TruncationReport)
     assert (report.pairs, report.prompts_truncated, report.completions_truncated) == (3, 0, 0)
     assert report.longest_sequence == 13 + 7  # records[1]: its prompt and " there</s>"
 
@@ -291,9 +307,12 @@ def test_conversational_rendering_by_hand():
     assert pairs[0] == TokenizedPair(
         [BOS, user_token] + ids("hi") + [EOS, assistant_token], ids("hello") + [EOS], ids("go") + [EOS], "records[0]"
     )
-    assert pairs[1].prompt_ids == [BOS, system_token] + ids("be kind") + [EOS, user_token] + ids("2+2?") + [EOS, assistant_token]
+    def turn(role_token, text):
+        return [role_token] + ids(text) + [EOS]
+
+    assert pairs[1].prompt_ids == [BOS] + turn(system_token, "be kind") + turn(user_token, "2+2?") + [assistant_token]
     assert pairs[2].prompt_ids == (
-        [BOS, user_token] + ids("a") + [EOS, assistant_token] + ids("b") + [EOS, user_token] + ids("c") + [EOS, assistant_token]
+        [BOS] + turn(user_token, "a") + turn(assistant_token, "b") + turn(user_token, "c") + [assistant_token]
     )
     assert (pairs[2].chosen_ids, pairs[2].rejected_ids) == (ids("yes") + [EOS], ids("no") + [EOS])
     text = tokenizer.apply_chat_template(CONVERSATIONAL[0]["prompt"], tokenize=False, add_generation_prompt=True)
@@ -317,7 +336,7 @@ def test_tokenize_argument_errors():
         tokenize_pairs(records, tokenizer, truncation_mode="left")
     no_template = default_tokenizer()
     no_template.chat_template = None
-    with pytest.raises(ValueError, match=r"no chat_template, which conversational records need \(first: records\[0\]\)"):
+    with pytest.raises(ValueError, match=r"no chat_template, which conversational records need \(first: records\[0"):
         tokenize_pairs(load_preference_records(CONVERSATIONAL), no_template)
 
 
@@ -377,12 +396,13 @@ def test_pairs_that_cannot_fit_are_errors_not_dropped():
 def test_keep_start_truncation_equals_trls_collator():
     trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
     tokenizer = default_tokenizer()
-    records = load_preference_records(STANDARD[:2] + [{"prompt": "long prompt", "chosen": "a long answer", "rejected": "no"}])
+    long_answer = {"prompt": "long prompt", "chosen": "a long answer", "rejected": "no"}
+    records = load_preference_records(STANDARD[:2] + [long_answer])
     for max_length in (14, 16, 19):  # prompts have 12-13 tokens, completions 3-14
         full, _ = tokenize_pairs(records, tokenizer)
         cut, _ = tokenize_pairs(records, tokenizer, max_length=max_length)
         collator = trl_dpo.DataCollatorForPreference(pad_token_id=PAD, max_length=max_length)
-        expected = collator([{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in full])
+        expected = collator([dataclasses.asdict(pair) for pair in full])  # TRL ignores the extra "origin"
         _assert_batch_equals_trl(collate_pairs(cut, pad_token_id=PAD), expected)
 
 
@@ -443,7 +463,8 @@ def test_collate_argument_errors():
 
 def test_preference_dataset_batches_through_a_dataloader():
     dataset = PreferenceDataset(HAND_PAIRS)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=functools.partial(collate_pairs, pad_token_id=99))
+    collate = functools.partial(collate_pairs, pad_token_id=99)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate)
     (batch,) = list(loader)
     assert torch.equal(batch["labels"], collate_pairs(HAND_PAIRS, pad_token_id=99)["labels"])
     assert len(dataset) == 2 and dataset[1] is HAND_PAIRS[1]
@@ -459,10 +480,7 @@ def _assert_batch_equals_trl(ours, trl_batch):
     assert torch.equal(ours["labels"], torch.where(trl_batch["completion_mask"].bool(), trl_batch["input_ids"], -100))
 
 
-@pytest.mark.parametrize(
-    "rows", [STANDARD, IMPLICIT, CONVERSATIONAL, IMPLICIT_CONVERSATIONAL],
-    ids=["standard", "implicit", "conversational", "implicit-conversational"],
-)
+@pytest.mark.parametrize("rows", FORMATS, ids=FORMAT_NAMES)
 def test_tokenisation_and_collation_equal_trl(tmp_path, rows):
     """TRL's `DPOTrainer`, given the default tokenizer as processing_class, tokenises and collates as we do."""
     pytest.importorskip("trl")
@@ -500,7 +518,8 @@ def test_tokenisation_and_collation_equal_trl(tmp_path, rows):
 def test_default_tokenizer_vocabulary_and_round_trip():
     tokenizer = default_tokenizer()
     assert len(tokenizer) == 360
-    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2, 3)
+    special_ids = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
+    assert special_ids == (0, 1, 2, 3)
     texts = ["sort: q c m", "Hello, Tamo!\n\tx", "caf\u00e9 \u65e5\u672c \U0001f600", "<not special> </s"]
     for text in texts:
         encoded = tokenizer(text)["input_ids"]
@@ -555,7 +574,9 @@ def test_generator_reproduces_the_shipped_files(tmp_path):
 
 def test_shipped_pairs_follow_their_rules():
     """The chosen answer follows each task's rule and the rejected one breaks it."""
-    for record in load_preference_records(default_dataset_path("train")) + load_preference_records(default_dataset_path("eval")):
+    for record in load_preference_records(default_dataset_path("train")) + load_preference_records(
+        default_dataset_path("eval")
+    ):
         task, argument = record.prompt.split(": ", 1)
         if task == "sort":
             expected = " " + " ".join(sorted(argument.split()))

@@ -57,9 +57,8 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
 
 import torch
 
@@ -67,9 +66,6 @@ logger = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant")
 TRUNCATION_MODES = ("keep_start", "keep_end")
-
-Messages = list  # list[dict[str, str]]: {"role": ..., "content": ...}
-
 
 @dataclass(frozen=True)
 class PreferenceRecord:
@@ -79,9 +75,9 @@ class PreferenceRecord:
     `origin` says where the record came from (`file.jsonl:17`, `dataset[17]`) for error messages.
     """
 
-    prompt: Union[str, Messages]
-    chosen: Union[str, Messages]
-    rejected: Union[str, Messages]
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
     origin: str
 
     @property
@@ -93,9 +89,9 @@ class PreferenceRecord:
 class TokenizedPair:
     """Token ids of one pair: the shared prompt and the two completions (EOS-terminated unless truncated)."""
 
-    prompt_ids: list
-    chosen_ids: list
-    rejected_ids: list
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
     origin: str
 
     def __post_init__(self):
@@ -116,8 +112,8 @@ class TruncationReport:
     prompts_truncated: int
     completions_truncated: int
     longest_sequence: int = 0  # tokens in the longest row (prompt + completion) after truncation
-    max_length: Optional[int] = None
-    max_prompt_length: Optional[int] = None
+    max_length: int | None = None
+    max_prompt_length: int | None = None
     truncation_mode: str = "keep_start"
 
     def __str__(self) -> str:
@@ -133,7 +129,7 @@ class TruncationReport:
 # Loading
 
 
-def load_preference_records(source, *, split: Optional[str] = None) -> list:
+def load_preference_records(source, *, split: str | None = None) -> list[PreferenceRecord]:
     """Reads every preference pair of `source` into a list of `PreferenceRecord`, in order.
 
     source: a path (str or `os.PathLike`) to a `.jsonl` file (one object per line) or a `.json` file (a list of
@@ -196,7 +192,7 @@ def _rows_of(source, split) -> list:
     )
 
 
-def _pick_split(available: list, split: Optional[str], what: str) -> str:
+def _pick_split(available: list, split: str | None, what: str) -> str:
     if split is None:
         if len(available) == 1:
             return available[0]
@@ -235,7 +231,7 @@ _DECODER = json.JSONDecoder()
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _json_rows(path: Path, split: Optional[str]) -> list:
+def _json_rows(path: Path, split: str | None) -> list:
     """Rows of a .json list (or of one split of a dict of lists), each with the line where it starts."""
     text = _read_text(path)
     try:
@@ -385,10 +381,10 @@ def tokenize_pairs(
     records,
     tokenizer,
     *,
-    max_length: Optional[int] = None,
-    max_prompt_length: Optional[int] = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
     truncation_mode: str = "keep_start",
-) -> tuple:
+) -> tuple[list[TokenizedPair], TruncationReport]:
     """Tokenises `records` (a sequence of `PreferenceRecord`) as TRL 1.16 does, then truncates (module docstring).
 
     Returns `(pairs, report)`: one `TokenizedPair` per record, in order, and a `TruncationReport`. Raises
@@ -436,7 +432,9 @@ def tokenize_pairs(
                 "max_length or use truncation_mode='keep_start'"
             )
         shown = ", ".join(unfit[:5]) + (f" and {len(unfit) - 5} more" if len(unfit) > 5 else "")
-        raise ValueError(f"{len(unfit)} of {len(records)} pairs cannot be truncated ({truncation_mode}): {reason}: {shown}")
+        raise ValueError(
+            f"{len(unfit)} of {len(records)} pairs cannot be truncated ({truncation_mode}): {reason}: {shown}"
+        )
     return pairs, report
 
 
@@ -505,7 +503,9 @@ def _tokenize_record(record: PreferenceRecord, tokenizer) -> tuple:
     prompt_ids = _token_ids(tokenizer, prompt, add_generation_prompt=True)
     full_chosen = _token_ids(tokenizer, prompt + chosen)
     full_rejected = _token_ids(tokenizer, prompt + rejected)
-    prompt_length = min(_common_prefix_length(prompt_ids, full_chosen), _common_prefix_length(prompt_ids, full_rejected))
+    prompt_length = min(
+        _common_prefix_length(prompt_ids, full_chosen), _common_prefix_length(prompt_ids, full_rejected)
+    )
     for name, full in (("chosen", full_chosen), ("rejected", full_rejected)):
         if len(full) <= prompt_length:
             raise ValueError(f"{record.origin}: field {name!r}: the tokenized completion is empty")
@@ -518,7 +518,7 @@ def _tokenize_record(record: PreferenceRecord, tokenizer) -> tuple:
     return pair, prompt_length == len(prompt_ids)
 
 
-def _truncate(pair: TokenizedPair, max_length, max_prompt_length, truncation_mode, report) -> Optional[TokenizedPair]:
+def _truncate(pair: TokenizedPair, max_length, max_prompt_length, truncation_mode, report) -> TokenizedPair | None:
     """`pair` cut by the policy (module docstring), counting cuts in `report`; None when it cannot fit."""
     prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
@@ -556,8 +556,8 @@ def collate_pairs(
     *,
     pad_token_id: int,
     ignore_index: int = -100,
-    pad_to_multiple_of: Optional[int] = None,
-) -> dict:
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
     """A batch of `B` pairs as `[2B, T]` int64 tensors: rows `[0, B)` prompt + chosen, `[B, 2B)` prompt + rejected.
 
     Returns `input_ids` (right-padded with `pad_token_id`), `attention_mask` (1 on tokens, 0 on padding) and
@@ -588,7 +588,8 @@ def collate_pairs(
                     "be excluded from the loss; use a negative ignore_index"
                 )
 
-    rows = [(pair.prompt_ids, pair.chosen_ids) for pair in pairs] + [(pair.prompt_ids, pair.rejected_ids) for pair in pairs]
+    rows = [(pair.prompt_ids, pair.chosen_ids) for pair in pairs]
+    rows += [(pair.prompt_ids, pair.rejected_ids) for pair in pairs]
     width = max(len(prompt) + len(completion) for prompt, completion in rows)
     if pad_to_multiple_of is not None:
         width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of

@@ -25,7 +25,6 @@ import json
 import random
 import string
 from pathlib import Path
-from typing import Optional
 
 SEED = 20261121
 TRAIN_PAIRS_PER_TASK = 80
@@ -129,7 +128,7 @@ def generate(seed: int = SEED) -> dict:
     return {split: [record for group in zip(*tasks) for record in group] for split, tasks in by_task.items()}
 
 
-def write(directory: Optional[Path] = None, seed: int = SEED) -> dict:
+def write(directory: Path | None = None, seed: int = SEED) -> dict:
     """Writes `train.jsonl` and `eval.jsonl` into `directory` (default: the shipped location); returns their paths."""
     directory = Path(directory) if directory is not None else default_dataset_path().parent
     directory.mkdir(parents=True, exist_ok=True)
