@@ -1,7 +1,8 @@
 """Training checkpoints: written atomically, loaded without unpickling arbitrary objects.
 
 A checkpoint is a directory `<output_dir>/checkpoints/step-00000123/` holding
-- `model.safetensors`: the policy's parameters and buffers (safetensors; tied weights stored once),
+- `model.safetensors`: the policy's full state dict (safetensors; tied weights stored once, their
+  other names kept as aliases in the file's metadata),
 - `optimizer.pt`, `scheduler.pt`, `rng.pt` (the random generators of every rank): state dicts of
   tensors and plain Python values, read back with `torch.load(weights_only=True)`,
 - `trainer_state.json`: the step, the settings and the fingerprints of the data and the reference.
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -59,11 +61,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(checkpoints_dir: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
-                    keep: int, rng_states: list) -> Path:
-    """Write the checkpoint of `step` atomically (from one process: rank 0 under data parallelism);
-    `rng_states` holds `rng_state()` of every rank. Keeps the newest `keep` checkpoints."""
-    from safetensors.torch import save_model
+def _unique_tensors(state: dict):
+    """(tensors, aliases): tensors that share storage (tied weights) are stored once, and the
+    other names recorded as aliases of the stored one."""
+    unique, aliases, seen = {}, {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor.detach().contiguous()
+    return unique, aliases
+
+
+def save_checkpoint(checkpoints_dir: Path, step: int, *, model_state: dict, optimizer_state: dict,
+                    scheduler_state: dict, rng_states: list, trainer_state: dict, keep: int) -> Path:
+    """Write the checkpoint of `step` atomically, from one process (rank 0 under data
+    parallelism): the full model and optimizer state dicts, every rank's `rng_state()`. Keeps the
+    newest `keep` checkpoints."""
+    from safetensors.torch import save_file
 
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -72,9 +89,10 @@ def save_checkpoint(checkpoints_dir: Path, step: int, *, model, optimizer, sched
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    tensors, aliases = _unique_tensors(model_state)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(scheduler_state, tmp / "scheduler.pt")
     torch.save({"ranks": list(rng_states)}, tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
     for item in tmp.iterdir():
@@ -109,25 +127,39 @@ def latest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from `path`; return its trainer
-    state. Only safetensors and `weights_only` loads: nothing in the directory can run code."""
-    from safetensors.torch import load_model
+@dataclass
+class Checkpoint:
+    """What a checkpoint directory holds, read back: full state dicts and this rank's RNG state."""
+
+    model_state: dict
+    optimizer_state: dict
+    scheduler_state: dict
+    rng_state: dict
+    trainer_state: dict
+
+
+def read_checkpoint(path: Path, *, rank: int = 0, device="cpu") -> Checkpoint:
+    """Read `path` for process `rank`. Only safetensors and `torch.load(weights_only=True)`:
+    nothing in the directory can run code."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"checkpoint {path} is incomplete or not a checkpoint (no {STATE_FILE})")
-    device = next(model.parameters()).device
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
-    if unexpected or missing:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    state = json.loads((path / STATE_FILE).read_text())
+    model_state = load_file(str(path / "model.safetensors"), device=str(device))
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    for name, stored in aliases.items():
+        model_state[name] = model_state[stored]
     rng = torch.load(path / "rng.pt", weights_only=True)["ranks"]
     if rank >= len(rng):
-        raise ValueError(f"checkpoint {path} was written by {len(rng)} rank(s); this is rank {rank}: resume with "
-                         f"the same number of processes")
-    set_rng_state(rng[rank])
-    return state
+        raise ValueError(f"checkpoint {path} was written by {len(rng)} process(es); this is rank {rank}: resume "
+                         f"with the same number of processes")
+    return Checkpoint(
+        model_state=model_state,
+        optimizer_state=torch.load(path / "optimizer.pt", map_location=device, weights_only=True),
+        scheduler_state=torch.load(path / "scheduler.pt", weights_only=True),
+        rng_state=rng[rank],
+        trainer_state=json.loads((path / STATE_FILE).read_text()),
+    )

@@ -4,6 +4,7 @@
     dpo-kernels train --model ./my-model --data pairs.jsonl --output-dir runs/a --loss-type sigmoid sft
     dpo-kernels train --output-dir runs/a --resume     # continue the run in runs/a where it stopped
     torchrun --nproc-per-node 2 -m dpo_kernels.train.cli train ...   # data parallel (gloo / NCCL)
+    torchrun --nproc-per-node 2 -m dpo_kernels.train.cli train --fsdp2 ...   # the policy sharded (FSDP2)
 
 Nothing is downloaded: `--model` is a local directory, or a name already in the local Hugging Face
 cache; anything else is an error.
@@ -93,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--fsdp2", action="store_true",
+                   help="under torchrun: shard the policy with FSDP2 (each decoder layer, then the rest) instead "
+                        "of keeping a whole copy on every rank")
     g.add_argument("--chunk-size", type=int, help="vocabulary chunk of the linear path")
     g.add_argument("--backend", choices=("auto", "triton", "cuda", "cpu", "reference"), default="auto")
 
@@ -220,7 +224,7 @@ def run_train(args) -> dict:
         max_grad_norm=args.max_grad_norm or None, batch_pairs=pick("batch_pairs", DEFAULTS.batch_pairs),
         grad_accumulation=args.grad_accumulation, epochs=pick("epochs", DEFAULTS.epochs), max_steps=args.max_steps,
         shuffle=not args.no_shuffle, seed=args.seed, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size, backend=args.backend,
+        gradient_checkpointing=args.gradient_checkpointing, fsdp2=args.fsdp2, chunk_size=args.chunk_size, backend=args.backend,
         log_every=args.log_every, eval_every=pick("eval_every", None), save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, progress_bar=not args.no_progress, plots=not args.no_plots,
     )

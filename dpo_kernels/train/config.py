@@ -46,6 +46,7 @@ class TrainConfig:
     mixed_precision: str = "auto"      # auto: bf16 autocast on CUDA, none on CPU
     gradient_checkpointing: bool = False
     disable_dropout: bool = True       # as TRL does: dropout would make policy and reference disagree
+    fsdp2: bool = False                # under torchrun: shard the policy with FSDP2 instead of replicating it
     chunk_size: Optional[int] = None   # vocabulary chunk of the linear path (None: its default)
     backend: str = "auto"
     # bookkeeping

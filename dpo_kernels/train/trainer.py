@@ -22,13 +22,15 @@ from typing import Optional, Sequence
 import torch
 
 from ..fused_linear_dpo_loss import fused_linear_dpo_loss
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from .checkpoint import latest_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import collate_pairs
 from .data_parallel import DataParallel
 from .fingerprint import model_fingerprint, pairs_fingerprint
 from .lr_schedule import make_scheduler
 from .metrics_log import MetricsLog
+from .model_sharding import (full_model_state, full_optimizer_state, load_full_states, shard_model,
+                             sharded_hidden_states)
 from .output_head import check_output_head, last_hidden_states, output_head
 from .reference_logps import precompute_reference_logps, reference_sequence_logps
 
@@ -71,6 +73,8 @@ class DPOTrainer:
         self.output_dir = Path(config.output_dir)
         self.loss_options = dict(config.loss_options)
         self.dp = DataParallel()
+        if config.fsdp2 and not self.dp.active:
+            raise ValueError("fsdp2=True needs torch.distributed with 2 or more processes (run under torchrun)")
         self.dp.broadcast_parameters(self.model)
         if config.disable_dropout:
             for module in self.model.modules():
@@ -78,9 +82,8 @@ class DPOTrainer:
                     module.p = 0.0
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.head = output_head(self.model)
         probe = collate_pairs(self.train_pairs[:1], pad_token_id=self.pad_token_id, ignore_index=ignore_index)
-        check_output_head(self.model, self.head, probe["input_ids"][:1].to(self.device),
+        check_output_head(self.model, output_head(self.model), probe["input_ids"][:1].to(self.device),
                           probe["attention_mask"][:1].to(self.device))
 
         self.reference_free = bool(self.loss_options.get("reference_free", False))
@@ -95,6 +98,10 @@ class DPOTrainer:
         self.ref_fingerprint = None if self.ref_model is None else model_fingerprint(self.ref_model)
         self.data_fingerprint = pairs_fingerprint(self.train_pairs)
         self._ref_tables = {}
+        self.sharded = config.fsdp2
+        if self.sharded:  # after the reference copy: the reference stays whole on every rank
+            shard_model(self.model)
+        self.head = output_head(self.model)  # after sharding: the parameters FSDP2 registered
 
         micro_per_epoch = math.ceil(len(self.train_pairs) / (config.batch_pairs * self.dp.world_size))
         self.micro_per_epoch = micro_per_epoch
@@ -196,11 +203,16 @@ class DPOTrainer:
         """`dk.DPOOutput` of one batch: backbone forward, then the fused linear DPO loss."""
         ref_chosen, ref_rejected = self._reference(split, batch)
         with self.autocast():
-            hidden = last_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+            if self.sharded:  # the root forward, then the head it left unsharded (see model_sharding)
+                hidden = sharded_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+                head = output_head(self.model)
+            else:
+                hidden = last_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+                head = self.head
             return fused_linear_dpo_loss(
-                hidden, self.head.weight, batch["labels"], self.head.bias, ref_chosen_logps=ref_chosen,
+                hidden, head.weight, batch["labels"], head.bias, ref_chosen_logps=ref_chosen,
                 ref_rejected_logps=ref_rejected, ignore_index=self.ignore_index, shift=True,
-                logit_scale=self.head.logit_scale, softcap=self.head.softcap, chunk_size=self.config.chunk_size,
+                logit_scale=head.logit_scale, softcap=head.softcap, chunk_size=self.config.chunk_size,
                 backend=self.config.backend, **self.loss_options)
 
     @torch.no_grad()
@@ -235,18 +247,18 @@ class DPOTrainer:
             batch, pairs = self._local_part(self.train_pairs, indices)
             out = self.compute_loss(batch, "train")
             share = pairs / total_pairs  # the step's loss is the mean over all its pairs, on all ranks
-            (out.loss * share).backward()
+            # FSDP2 averages gradients over ranks where the replicated mode sums them
+            (out.loss * (share * self.dp.world_size if self.sharded else share)).backward()
             for key, value in {"loss": out.loss.item(), **out.metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value * share
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.dp.sum_gradients(params)
+        if not self.sharded:
+            self.dp.sum_gradients(params)
         totals = self.dp.sum_values(totals, self.device)
-        if config.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
-        totals["grad_norm"] = float(grad_norm)
+        # with max_norm=inf the gradients are left as they are and only the norm is taken
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, config.max_grad_norm if config.max_grad_norm is not None else float("inf"))
+        totals["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         totals["learning_rate"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -269,11 +281,13 @@ class DPOTrainer:
             states = [None] * self.dp.world_size
             dist.all_gather_object(states, rng_state())
         path = self.output_dir / "checkpoints" / f"step-{self.step:08d}"
+        model_state = full_model_state(self.model, self.sharded)  # collective when sharded
+        optimizer_state = full_optimizer_state(self.model, self.optimizer, self.sharded)
         if self.dp.is_main:
-            path = save_checkpoint(self.output_dir / "checkpoints", self.step, model=self.model,
-                                   optimizer=self.optimizer, scheduler=self.scheduler,
-                                   trainer_state=self._trainer_state(), keep=self.config.keep_checkpoints,
-                                   rng_states=states)
+            path = save_checkpoint(self.output_dir / "checkpoints", self.step, model_state=model_state,
+                                   optimizer_state=optimizer_state, scheduler_state=self.scheduler.state_dict(),
+                                   rng_states=states, trainer_state=self._trainer_state(),
+                                   keep=self.config.keep_checkpoints)
         self.dp.barrier()
         return path
 
@@ -283,8 +297,8 @@ class DPOTrainer:
         path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir / "checkpoints")
         if path is None:
             return None
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                rank=self.dp.rank)
+        checkpoint = read_checkpoint(path, rank=self.dp.rank, device="cpu" if self.sharded else self.device)
+        state = checkpoint.trainer_state
         saved, now = state["config"], self.config.to_dict()
         changed = sorted(k for k in now if k not in BOOKKEEPING and _jsonable(saved.get(k)) != _jsonable(now[k]))
         problems = [f"setting {k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in changed]
@@ -297,6 +311,10 @@ class DPOTrainer:
             problems.append("the reference model differs (pass the model the run started from)")
         if problems:
             raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
+        load_full_states(self.model, self.optimizer, checkpoint.model_state, checkpoint.optimizer_state,
+                         self.sharded)
+        self.scheduler.load_state_dict(checkpoint.scheduler_state)
+        set_rng_state(checkpoint.rng_state)
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)
         return path
@@ -349,9 +367,9 @@ class DPOTrainer:
         if self.step < self.total_steps:
             return last
         last_eval = self._log_eval(metrics_log) or last_eval
+        self.save_model(self.output_dir / "model")
         if self.dp.is_main:
             log.info("trained %d steps in %.1f s", self.step, time.perf_counter() - started)
-            self.save_model(self.output_dir / "model")
             if config.plots:
                 from .plots import plot_metrics
                 plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "plots" / "training.png")
@@ -368,10 +386,13 @@ class DPOTrainer:
         return metrics
 
     def save_model(self, directory: Path) -> Path:
-        """`save_pretrained` of the policy (safetensors) and the tokenizer into `directory`."""
+        """`save_pretrained` of the policy (safetensors) and the tokenizer into `directory`; called
+        on every rank (the state dict is gathered when sharded), written by rank 0."""
         directory = Path(directory)
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        state = full_model_state(self.model, self.sharded) if self.sharded else None
+        if self.dp.is_main:
+            self.model.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
         return directory
 
 
