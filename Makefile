@@ -15,7 +15,7 @@ $(VENV)/.installed: $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.18" ninja
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,integration]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,train,integration]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,14 +24,18 @@ test: install
 	$(PY) -m pytest python_tests -ra $(PYTEST_ARGS)
 	DPO_BENCH_SMOKE=1 $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 
-# The benchmark suite at its CPU shapes (peers that are installed: pip install -e ".[bench]").
+# The benchmark suite at its CPU shapes (peers that are installed: pip install -e ".[bench]"):
+# benchmarks/results/cpu-DATE.json, its table cpu-DATE.md and plots cpu-DATE-*.png (benchmarks/report.py).
+# A row that disagrees with the float64 oracle fails; the report still covers the others.
 bench: install
 	mkdir -p benchmarks/results
-	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
-		--benchmark-json=benchmarks/results/cpu-$(shell date +%Y-%m-%d).json
+	json=benchmarks/results/cpu-$$(date +%Y-%m-%d).json; \
+	DPO_BENCH_DEVICE=cpu $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-only --benchmark-json=$$json; \
+	status=$$?; \
+	$(PY) benchmarks/report.py $$json && exit $$status
 
 demo: install
-	$(PY) benchmarks/cpu_logits_demo.py
+	$(VENV)/bin/dpo-kernels train --output-dir demo_output
 
 info: install
 	$(PY) -m dpo_kernels.info

@@ -1,59 +1,95 @@
-"""Peak extra memory of one call, on CPU or CUDA.
+"""Peak extra memory of one call: the most bytes held at once by what the call allocates.
 
-CUDA: `torch.cuda.max_memory_allocated` around the call, minus what was allocated before.
-CPU: the process's peak resident set (VmHWM) during the call minus its resident set before. The
-peak is reset first by writing "5" to /proc/self/clear_refs (Linux). This counts every page the
-call touches for the first time (its allocations that get written), which is what a user runs out
-of; allocations made and never written do not count. Measurements are within a few MiB (malloc
-arenas); compare sizes of hundreds of MiB, not single tensors.
+- CUDA (`call_peak_bytes` on a CUDA device): `torch.cuda.max_memory_allocated` during the call
+  minus `torch.cuda.memory_allocated` before it, after resetting the peak statistics. It counts
+  every block the caching allocator hands out (Triton and CUDA kernels' workspaces included, since
+  they allocate through PyTorch), not the cuBLAS workspace or the allocator's cached free blocks.
+- CPU (`call_peak_bytes` on CPU, `allocator_peak_bytes`): the PyTorch profiler's allocation events
+  (`profile_memory=True`): every allocation and free of PyTorch's CPU allocator during the call, in
+  time order; the peak of their running sum. This sees buffers of compiled code too (TorchInductor
+  allocates through the same allocator), which `allocation_peak_bytes` cannot: under its dispatch
+  mode `torch.compile`d functions fall back to eager. Memory allocated outside PyTorch (malloc in a
+  library) is not seen; the C++ kernels of this package allocate none.
+- `allocation_peak_bytes`: storages created by PyTorch ops, counted exactly through a dispatch mode
+  from the op that creates them until PyTorch frees them (python_tests/test_linear_memory.py checks
+  the linear path's memory formula with it). On eager code it agrees with `allocator_peak_bytes` to
+  a few KiB.
+
+Outputs the call returns (gradients, say) count: they are memory the call needed. Tensors that
+existed before the call never count. Python's cyclic garbage collector is paused during the call, so
+that it cannot free older objects in the middle of a measurement.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def cpu_peak_supported() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        _status_bytes("VmHWM")
-    except OSError:
-        return False
-    return True
-
-
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
-    """Runs `fn()` once and returns the peak memory it used beyond what existed before it."""
+def call_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Runs `fn()` once and returns its peak extra memory on `device` (see the module docstring)."""
     device = torch.device(device)
-    gc.collect()
     if device.type == "cuda":
+        return _cuda_peak_bytes(fn, device)
+    if device.type == "cpu":
+        return allocator_peak_bytes(fn)
+    raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    with _collector_paused():
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         result = fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        before = _status_bytes("VmRSS")
-        result = fn()
-        peak = _status_bytes("VmHWM") - before
-    del result
+        del result
     return max(peak, 0)
+
+
+def _walk(events):
+    for event in events:
+        yield event
+        yield from _walk(event.children)
+
+
+def allocator_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the running sum of the CPU allocator's allocation events (bytes; frees negative)
+    recorded by the PyTorch profiler while `fn()` runs."""
+    from torch._C._profiler import _EventType  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with _collector_paused(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    try:
+        tree = prof.profiler.kineto_results.experimental_event_tree()
+    except AttributeError as exc:  # a private API: say which PyTorch lacks it
+        raise RuntimeError(f"torch {torch.__version__}: the profiler's event tree is not available ({exc})") from exc
+    allocations = sorted((e for e in _walk(tree) if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns)
+    held = peak = 0
+    for event in allocations:
+        if event.extra_fields.device.type != "cpu":
+            continue
+        held += event.extra_fields.alloc_size
+        peak = max(peak, held)
+    return peak
 
 
 class _AllocationTracker:
@@ -87,7 +123,8 @@ def allocation_peak_bytes(fn: Callable[[], object]) -> int:
     backward it runs), counted exactly with a dispatch mode rather than from the resident set:
     a storage counts from the op that creates it until PyTorch frees it. Memory allocated outside
     PyTorch is not seen (the C++ kernels of this package allocate none). Storages that existed
-    before the call (and views of them) never count."""
+    before the call (and views of them) never count. `torch.compile`d code runs eagerly under the
+    mode: use `allocator_peak_bytes` for it."""
     from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
 
     tracker = _AllocationTracker()

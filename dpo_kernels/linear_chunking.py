@@ -15,9 +15,11 @@ returns; checked by python_tests/test_linear_memory.py):
                 - during the chunk loop: N*c*b [tile] (N*V*b, all tiles, when cached) + G, and
                 - after it: S*T*H*b_h [dhidden scattered back to every position: the gradient itself]
 
-G is the gradient GEMMs' fp32 workspace with a 16-bit compute dtype: c*H*4 [dweight chunk product]
-on CUDA (`out_dtype`); N*c*4 + N*H*4 + c*H*4 on CPU [fp32 copies of the tile and the hidden states,
-then the weight chunk or the dweight chunk product], which has no fp32-output 16-bit GEMM.
+G is the gradient GEMMs' workspace with a 16-bit compute dtype: c*H*4 [dweight chunk product in
+fp32] on CUDA (`out_dtype`); on CPU, which has no fp32-output 16-bit GEMM, N*H*b [the chunk's
+dhidden product, rounded once, then added to the accumulator], or, for an fp32 weight under
+autocast, N*c*4 + N*H*4 + c*H*4 when larger [fp32 copies of the tile and the hidden states, and
+the dweight chunk product].
 
 So the peak is one tile plus `O(N * H)`, never `O(N * V)` unless the caller allows the cache.
 """
@@ -70,6 +72,9 @@ def linear_peak_bytes(
     h = torch.empty((), dtype=hidden_dtype).element_size()
     product = 0
     if compute_dtype not in (torch.float32, torch.float64):
-        product = c * H * 4 if device_type == "cuda" else N * c * 4 + N * H * 4 + c * H * 4
+        if device_type == "cuda":
+            product = c * H * 4
+        else:  # the chunk's dhidden product; fp32 operand copies for an fp32 weight's gradient (autocast)
+            product = max(N * H * b, N * c * 4 + N * H * 4 + c * H * 4 if w == 4 else 0)
     gradients = N * H * acc + V * H * w + (V * w if has_bias else 0)
     return compacted + gradients + max(tile + product, positions * H * h)

@@ -7,10 +7,12 @@ epilogue folds the tile into per-token running statistics (see backends/tile_epi
 Backward, per chunk: the tile again (recomputed, or kept by forward under the cache budget), turned
 into the gradient w.r.t. the GEMM output in place by the backend's epilogue, then
 `dhidden += tile @ weight_chunk` into an fp32 accumulator, `dweight[v0:v0+c] = tile.T @ hidden`
-(written once; no `[V, H]` fp32 buffer) and `dbias[v0:v0+c] = tile.sum(0)`. GEMM products are
-accumulated in fp32 (`out_dtype=torch.float32` on CUDA; fp32 operands on CPU, which has no such
-kernel for 16-bit inputs: there the tile is copied to fp32 once per chunk). Memory: see
-linear_chunking.py.
+(written once; no `[V, H]` fp32 buffer) and `dbias[v0:v0+c] = tile.sum(0)`. GEMMs accumulate in
+fp32. With 16-bit operands the tile holds the logits' gradient rounded once to 16 bits (as the
+plain 16-bit computation's does); `dweight` is rounded once to its dtype; the `dhidden` products
+go into the fp32 accumulator unrounded on CUDA (`out_dtype=torch.float32`), and on the CPU, which
+has no fp32-output 16-bit GEMM, each chunk's product is rounded once before it is added (the
+16-bit GEMM runs at several times the fp32 rate there). Memory: see linear_chunking.py.
 
 Vocabulary-parallel (`config.shard` set): `weight` holds this rank's rows `[start, end)` of the
 vocabulary and `targets` are global ids minus `start` (outside `[0, V_local)` where another rank
@@ -65,28 +67,28 @@ def _cuda_out_dtype_mm() -> bool:
     return hasattr(torch.ops.aten.mm, "dtype")
 
 
-def _needs_fp32_operands(compute_dtype: torch.dtype, device: torch.device) -> bool:
-    """A 16-bit compute dtype where no fp32-output 16-bit GEMM exists (CPU): the gradient GEMMs
-    then take fp32 copies of the tile (once per chunk) and of the hidden states (once)."""
-    return compute_dtype not in (torch.float32, torch.float64) and not (device.type == "cuda" and _cuda_out_dtype_mm())
-
-
 def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, the product accumulated in acc's dtype (fp32 or float64) without rounding."""
+    """acc += a @ b in acc's dtype (fp32 or float64). 16-bit operands: on CUDA the product is
+    accumulated in fp32 without rounding (`out_dtype`); on the CPU, which has no such kernel, the
+    16-bit GEMM (fp32 accumulation inside) rounds this chunk's product once before it is added."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b.to(acc.dtype))
-    else:  # CUDA, 16-bit operands
+    elif a.device.type == "cuda" and _cuda_out_dtype_mm():
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(torch.mm(a, b.to(a.dtype)))
 
 
 def _write_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out = a @ b, accumulated in fp32 (float64) and rounded once to out's dtype."""
-    if a.dtype == out.dtype and a.dtype in (torch.float32, torch.float64):
+    if a.dtype == out.dtype:  # the GEMM accumulates in fp32 for 16-bit operands too
         torch.mm(a, b, out=out)
     elif a.dtype in (torch.float32, torch.float64):
         out.copy_(torch.mm(a, b))
-    else:  # CUDA, 16-bit operands
+    elif a.device.type == "cuda" and _cuda_out_dtype_mm():  # 16-bit operands, fp32 gradient (autocast)
         out.copy_(torch.mm(a, b, out_dtype=torch.float32))
+    else:  # the same on the CPU, which has no fp32-output 16-bit GEMM: fp32 copies of the operands
+        out.copy_(torch.mm(a.float(), b.float()))
 
 
 def _tile_gemm(out: torch.Tensor, hidden: torch.Tensor, weight_chunk: torch.Tensor,
@@ -187,8 +189,6 @@ class LinearTokenLogps(torch.autograd.Function):
         cached, ctx.cached = ctx.cached, None  # a second backward (retain_graph) recomputes
 
         h = hidden.to(cd)
-        fp32_operands = _needs_fp32_operands(cd, device)
-        h_gemm = h.float() if fp32_operands and need_weight else h
         dhidden = torch.zeros((N, H), dtype=acc, device=device) if need_hidden else None
         dweight = torch.empty_like(weight) if need_weight else None
         dbias = torch.empty_like(bias) if need_bias else None
@@ -205,14 +205,12 @@ class LinearTokenLogps(torch.autograd.Function):
                     _tile_gemm(tile, h, chunk.weight, chunk.bias)
                 epi.tile_logits_grad_(tile, v0, targets, row_stats, g, config.transform, entropy_grad=ge,
                                       entropy=entropy if ge is not None else None)
-                gemm_tile = tile.float() if fp32_operands else tile
                 if need_hidden:
-                    _accumulate_product(dhidden, gemm_tile, chunk.weight)
+                    _accumulate_product(dhidden, tile, chunk.weight)
                 if need_weight:
-                    _write_product(dweight[v0:v0 + c], gemm_tile.t(), h_gemm)
+                    _write_product(dweight[v0:v0 + c], tile.t(), h)
                 if need_bias:
-                    dbias[v0:v0 + c] = gemm_tile.sum(dim=0, dtype=acc)
-                del gemm_tile
+                    dbias[v0:v0 + c] = tile.sum(dim=0, dtype=acc)
         if dhidden is not None and config.shard is not None and config.reduce_hidden_grad:
             all_reduce_(dhidden, torch.distributed.ReduceOp.SUM, config.shard.group)
         dhidden = None if dhidden is None else dhidden.to(hidden.dtype)
