@@ -17,6 +17,8 @@ runs under `torch.no_grad()`, as a reference model's pass does:
 - dk_<backend>_cached (forward + backward): the same with `cache_budget_bytes` large enough to keep
   every tile from forward for backward: no recompute (`6 N H V` instead of `8 N H V`) for `N * V`
   more bytes, the speed end of the trade-off;
+- dk_<backend>_eager (forward + backward): `eager_backward=True`: the gradients taken in forward,
+  one pair at a time, from that pair's cached tiles: `6 N H V` for one pair's `[N_pair, V]` tiles;
 - trl_chunked: TRL's `ChunkedLogProbFunction` on the scored tokens (chunks of 4096 columns; Triton
   epilogues on GPU, torch ops on CPU), per-sequence sums, `dk.dpo_loss`;
 - liger: Liger's `LigerFusedLinearDPOLoss` (its reference-free form, which with reference log-probs
@@ -56,7 +58,8 @@ PEERS = {"trl_chunked": "trl.kernels.chunked_logprob", "liger": "liger_kernel.ch
 
 
 def _impls(mode: str) -> list:
-    cached = [f"dk_{b}_cached" for b in KERNEL_BACKENDS] if mode == "forward_backward" else []
+    cached = ([f"dk_{b}_{variant}" for b in KERNEL_BACKENDS for variant in ("cached", "eager")]
+              if mode == "forward_backward" else [])
     return ["reference", "reference_compiled"] + [f"dk_{b}" for b in KERNEL_BACKENDS] + cached + list(PEERS)
 
 
@@ -75,10 +78,11 @@ def _compiled_reference():
     return torch.compile(reference_loss, dynamic=True)
 
 
-def _dk_loss(backend, cache_budget_bytes=0):
+def _dk_loss(backend, cache_budget_bytes=0, eager_backward=False):
     def loss(hidden, weight, labels, ref):
         return dk.fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps=ref, ref_rejected_logps=ref,
-                                        beta=BETA, backend=backend, cache_budget_bytes=cache_budget_bytes).loss
+                                        beta=BETA, backend=backend, cache_budget_bytes=cache_budget_bytes,
+                                        eager_backward=eager_backward).loss
     return loss
 
 
@@ -119,6 +123,8 @@ def _loss_function(impl: str):
         return _compiled_reference()
     if impl.startswith("dk_") and impl.endswith("_cached"):
         return _dk_loss(impl.removeprefix("dk_").removesuffix("_cached"), cache_budget_bytes=1 << 62)
+    if impl.startswith("dk_") and impl.endswith("_eager"):
+        return _dk_loss(impl.removeprefix("dk_").removesuffix("_eager"), eager_backward=True)
     if impl.startswith("dk_"):
         return _dk_loss(impl.removeprefix("dk_"))
     return {"trl_chunked": _trl_chunked_loss, "liger": _liger_loss, "cce": _cce_loss}[impl]
