@@ -64,8 +64,9 @@ class FusedLinearDPOLoss(nn.Module):
 
     Options (checked here, at construction): `ignore_index`, `shift`, `temperature`,
     `logit_scale`, `softcap`, `chunk_size`, `cache_budget_bytes`, `backend`, the vocabulary-parallel
-    `process_group` / `vocab_start` / `vocab_end` / `reduce_hidden_grad`, and the loss options of
-    `dk.fused_linear_dpo_loss` except `pair_weights` (per batch: a `forward` argument). The module
+    `process_group` / `vocab_start` / `vocab_end` / `reduce_hidden_grad`, `eager_backward`, and the
+    loss options of `dk.fused_linear_dpo_loss` except `pair_weights` (per batch: a `forward`
+    argument). The module
     has no parameters: the lm_head weight is passed to `forward`, so it stays the model's.
     """
 
@@ -73,19 +74,20 @@ class FusedLinearDPOLoss(nn.Module):
                  logit_scale: float = 1.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
                  cache_budget_bytes: int = 0, backend: str = "auto", process_group=None,
                  vocab_start: Optional[int] = None, vocab_end: Optional[int] = None,
-                 reduce_hidden_grad: bool = True, **loss_options):
+                 reduce_hidden_grad: bool = True, eager_backward: bool = False, **loss_options):
         super().__init__()
         if "pair_weights" in loss_options:
             raise TypeError("FusedLinearDPOLoss() takes pair_weights in forward(), not as an option: it is per batch")
         check_int("ignore_index", ignore_index)
         check_bool("shift", shift)
+        check_bool("eager_backward", eager_backward)
         check_backend_name(backend)
         check_fused_options(loss_options, "FusedLinearDPOLoss", supports_wpo=True)
         self.linear_options = dict(ignore_index=ignore_index, shift=shift, temperature=temperature,
                                    logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size,
                                    cache_budget_bytes=cache_budget_bytes, backend=backend,
                                    process_group=process_group, vocab_start=vocab_start, vocab_end=vocab_end,
-                                   reduce_hidden_grad=reduce_hidden_grad)
+                                   reduce_hidden_grad=reduce_hidden_grad, eager_backward=eager_backward)
         self.loss_options = dict(loss_options)
 
     def forward(

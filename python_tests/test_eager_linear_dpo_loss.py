@@ -128,3 +128,15 @@ def test_pair_blocks():
     assert pair_blocks([3, 3, 3], bytes_per_token=10, block_bytes=60) == [(0, 2), (2, 3)]
     assert pair_blocks([9, 1, 1], bytes_per_token=10, block_bytes=50) == [(0, 1), (1, 3)]
     assert pair_blocks([2], bytes_per_token=10, block_bytes=0) == [(0, 1)]
+
+
+def test_module_takes_the_option():
+    hidden, weight, bias, labels, ref = _inputs(torch.float64)
+    module = dk.FusedLinearDPOLoss(beta=0.1, eager_backward=True)
+    out = module(hidden, weight, labels, bias, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
+    plain = dk.fused_linear_dpo_loss(hidden, weight, labels, bias, ref_chosen_logps=ref[0],
+                                     ref_rejected_logps=ref[1], beta=0.1)
+    assert not out.chosen_logps.requires_grad  # the eager path ran
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-12)
+    with pytest.raises(TypeError, match="eager_backward must be a bool"):
+        dk.FusedLinearDPOLoss(eager_backward="yes")

@@ -174,6 +174,17 @@ def test_reference_free_makes_no_reference_model(tmp_path):
     assert len(_losses(tmp_path)) == 2
 
 
+def test_eager_backward_trains_like_the_default_path(tmp_path):
+    default = _trainer(tmp_path / "default", max_steps=3, evals=8)
+    default.train()
+    eager = _trainer(tmp_path / "eager", max_steps=3, evals=8, eager_backward=True)
+    eager.train()
+    for (s1, a), (s2, b) in zip(_losses(tmp_path / "default"), _losses(tmp_path / "eager")):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+    with pytest.raises(ValueError, match="eager_backward=True needs loss types"):
+        TrainConfig(eager_backward=True, loss_options={"beta": 0.1, "loss_type": ["sigmoid", "sft"]})
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="step")

@@ -8,6 +8,7 @@ from numbers import Real
 from typing import Optional, Tuple, Union
 
 from ..dpo_from_logps import check_fused_options
+from ..eager_linear_dpo_loss import check_eager_backward
 
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("auto", "bf16", "no")
@@ -48,6 +49,7 @@ class TrainConfig:
     disable_dropout: bool = True       # as TRL does: dropout would make policy and reference disagree
     fsdp2: bool = False                # under torchrun: shard the policy with FSDP2 instead of replicating it
     chunk_size: Optional[int] = None   # vocabulary chunk of the linear path (None: its default)
+    eager_backward: bool = False       # gradients in forward, pair by pair (no recompute; see the README)
     backend: str = "auto"
     # bookkeeping
     log_every: int = 1
@@ -65,6 +67,10 @@ class TrainConfig:
     def validate(self) -> None:
         """ValueError/TypeError naming the setting at fault."""
         check_fused_options(self.loss_options, "TrainConfig.loss_options", supports_wpo=True)
+        if not isinstance(self.eager_backward, bool):
+            raise TypeError(f"eager_backward must be a bool, got {type(self.eager_backward).__name__}")
+        if self.eager_backward:
+            check_eager_backward(self.loss_options)
         if "pair_weights" in self.loss_options:
             raise ValueError("TrainConfig.loss_options: pair_weights is per batch; the trainer cannot take it")
         _positive("learning_rate", self.learning_rate, allow_zero=True)

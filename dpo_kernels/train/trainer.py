@@ -213,6 +213,7 @@ class DPOTrainer:
                 hidden, head.weight, batch["labels"], head.bias, ref_chosen_logps=ref_chosen,
                 ref_rejected_logps=ref_rejected, ignore_index=self.ignore_index, shift=True,
                 logit_scale=head.logit_scale, softcap=head.softcap, chunk_size=self.config.chunk_size,
+                eager_backward=self.config.eager_backward and self.model.training,
                 backend=self.config.backend, **self.loss_options)
 
     @torch.no_grad()
