@@ -77,9 +77,7 @@ class DPOTrainer:
             raise ValueError("fsdp2=True needs torch.distributed with 2 or more processes (run under torchrun)")
         self.dp.broadcast_parameters(self.model)
         if config.disable_dropout:
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
+            _disable_dropout(self.model)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         probe = collate_pairs(self.train_pairs[:1], pad_token_id=self.pad_token_id, ignore_index=ignore_index)
@@ -92,9 +90,7 @@ class DPOTrainer:
             self.ref_model = copy.deepcopy(self.model) if ref_model is None else ref_model.to(self.device)
             self.ref_model.eval().requires_grad_(False)
             if config.disable_dropout:
-                for module in self.ref_model.modules():
-                    if isinstance(module, torch.nn.Dropout):
-                        module.p = 0.0
+                _disable_dropout(self.ref_model)
         self.ref_fingerprint = None if self.ref_model is None else model_fingerprint(self.ref_model)
         self.data_fingerprint = pairs_fingerprint(self.train_pairs)
         self._ref_tables = {}
@@ -395,6 +391,12 @@ class DPOTrainer:
             self.model.save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)
         return directory
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 class _NullLog:
