@@ -14,7 +14,7 @@ Error model, per scored token t with logits z_t (float64), target y, probabiliti
   rounding of the logits an implementation computes from `hidden @ weight.T` in the input dtype
   (2^-8 bf16, 2^-11 fp16, fp32: U_ACC); 0 on the logits path, whose logits are given;
 - `m(t) = m_z(t) + log V + 1`: the magnitude of the fp32 arithmetic that forms the log-probability
-  (all implementations accumulate in fp32), with relative error U_ACC = 1e-5 (DESIGN section 5);
+  (all implementations accumulate in fp32), with relative error U_ACC = 1e-5 (docs/design.md, section 5);
 - so the token's log-prob error is at most `a_t = u_z m_z(t) + U_ACC m(t)`, and a probability's
   relative error at most `r_tj = u_z (|z_tj| + m_z(t)) + U_ACC (|z_tj| + m(t))`;
 - the gradient w.r.t. a logit, `dz_tj = c_t (onehot - p_tj)` (`c_t` the upstream gradient of the

@@ -21,8 +21,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from bench_grid import DEVICE, dtype_name, timing_rounds
-from peak_memory import call_peak_bytes
+from benchmarks.bench_grid import DEVICE, dtype_name, timing_rounds
+from benchmarks.peak_memory import call_peak_bytes
 
 REFERENCE = "reference"
 _reference_rows: dict = {}

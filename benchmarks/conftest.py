@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 
 import torch
 
-# The suite's helper modules sit next to this file; make them importable whatever pytest's import mode.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_grid import DEVICE, SMOKE  # noqa: E402
+from benchmarks.bench_grid import DEVICE, SMOKE
 
 if SMOKE:
     # The smoke run checks the harness and agreement at tiny shapes in seconds; compiling every

@@ -46,9 +46,17 @@ import pytest
 import torch
 
 import dpo_kernels as dk
-from agreement import check_linear_loss, linear_loss_oracle
-from bench_grid import DEVICE, KERNEL_BACKENDS, ON_GPU, benchmark_cases, for_grid_point, linear_shapes, prompt_length
-from bench_record import measure_row
+from benchmarks.agreement import check_linear_loss, linear_loss_oracle
+from benchmarks.bench_grid import (
+    DEVICE,
+    KERNEL_BACKENDS,
+    ON_GPU,
+    benchmark_cases,
+    for_grid_point,
+    linear_shapes,
+    prompt_length,
+)
+from benchmarks.bench_record import measure_row
 
 PATH = "linear"
 MODES = ("forward", "forward_backward")

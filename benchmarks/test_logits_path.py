@@ -31,9 +31,9 @@ import pytest
 import torch
 
 import dpo_kernels as dk
-from agreement import check_logits_path
-from bench_grid import DEVICE, KERNEL_BACKENDS, benchmark_cases, for_grid_point, logits_shapes
-from bench_record import measure_row
+from benchmarks.agreement import check_logits_path
+from benchmarks.bench_grid import DEVICE, KERNEL_BACKENDS, benchmark_cases, for_grid_point, logits_shapes
+from benchmarks.bench_record import measure_row
 
 PATH = "logits"
 MODES = ("forward", "forward_backward")

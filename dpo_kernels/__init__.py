@@ -8,13 +8,13 @@ See README.md for the design, and `python -m dpo_kernels.info` for what is usabl
 
 from . import reference
 from .backends.availability import BackendUnavailableError, available_backends
-from .fused_dpo_loss import fused_dpo_loss
-from .fused_linear_dpo_loss import fused_linear_dpo_loss
-from .linear_sequence_logps import linear_sequence_logps
+from .linear.linear_sequence_logps import linear_sequence_logps
+from .logits.sequence_logps import sequence_logps
 from .losses import dpo_loss
-from .modules import FusedDPOLoss, FusedLinearDPOLoss
+from .losses.fused_dpo_loss import fused_dpo_loss
+from .losses.fused_linear_dpo_loss import fused_linear_dpo_loss
+from .losses.modules import FusedDPOLoss, FusedLinearDPOLoss
 from .outputs import DPOLossOutput, DPOOutput, LogpsOutput
-from .sequence_logps import sequence_logps
 
 __version__ = "0.1.0"
 

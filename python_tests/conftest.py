@@ -10,15 +10,11 @@ on CUDA tensors instead, and the interpreter stays off unless the caller set it.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# The helpers module sits next to this file; make it importable whatever pytest's import mode.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):

@@ -128,7 +128,7 @@ def test_reference_backend_of_the_api_is_the_oracle():
 
 
 def test_reference_imports_nothing_from_the_package():
-    """DESIGN section 2: reference.py stands apart, so that it stays an independent oracle."""
+    """docs/design.md section 2: reference.py stands apart, so that it stays an independent oracle."""
     tree = ast.parse(inspect.getsource(reference))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Optional, Tuple, Union
 
-from ..dpo_from_logps import check_fused_options
-from ..eager_linear_dpo_loss import check_eager_backward
+from ..losses.dpo_from_logps import check_fused_options
+from ..losses.eager_linear_dpo_loss import check_eager_backward
 
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("auto", "bf16", "no")

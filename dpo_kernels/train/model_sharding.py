@@ -76,8 +76,7 @@ def load_full_states(model, optimizer, model_state: dict, optimizer_state: dict,
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

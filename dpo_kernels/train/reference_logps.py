@@ -11,8 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..dpo_from_logps import ld_alpha_weights
-from ..linear_sequence_logps import linear_sequence_logps
+from ..linear.linear_sequence_logps import linear_sequence_logps
+from ..losses.dpo_from_logps import ld_alpha_weights
 from .fingerprint import model_fingerprint, pairs_fingerprint
 from .output_head import last_hidden_states, output_head
 

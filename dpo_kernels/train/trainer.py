@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..fused_linear_dpo_loss import fused_linear_dpo_loss
+from ..losses.fused_linear_dpo_loss import fused_linear_dpo_loss
 from .checkpoint import latest_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import collate_pairs
@@ -29,8 +29,7 @@ from .data_parallel import DataParallel
 from .fingerprint import model_fingerprint, pairs_fingerprint
 from .lr_schedule import make_scheduler
 from .metrics_log import MetricsLog
-from .model_sharding import (full_model_state, full_optimizer_state, load_full_states, shard_model,
-                             sharded_hidden_states)
+from .model_sharding import full_model_state, full_optimizer_state, load_full_states, shard_model, sharded_hidden_states
 from .output_head import check_output_head, last_hidden_states, output_head
 from .reference_logps import precompute_reference_logps, reference_sequence_logps
 

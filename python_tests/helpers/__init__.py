@@ -1,0 +1,1 @@
+"""Shared test helpers: inputs, oracles and runners (import as python_tests.helpers.NAME)."""
