@@ -11,7 +11,7 @@
   mode `torch.compile`d functions fall back to eager. Memory allocated outside PyTorch (malloc in a
   library) is not seen; the C++ kernels of this package allocate none.
 - `allocation_peak_bytes`: storages created by PyTorch ops, counted exactly through a dispatch mode
-  from the op that creates them until PyTorch frees them (python_tests/test_linear_memory.py checks
+  from the op that creates them until PyTorch frees them (python_tests/linear/test_linear_memory.py checks
   the linear path's memory formula with it). On eager code it agrees with `allocator_peak_bytes` to
   a few KiB.
 

@@ -3,7 +3,8 @@
     import dpo_kernels as dk
     out = dk.sequence_logps(logits, labels, shift=True)   # out.logps: [S] per-sequence log-probs
 
-See README.md for the design, and `python -m dpo_kernels.info` for what is usable on this machine.
+See README.md to start, docs/ for the API and the design (docs/design.md), and
+`python -m dpo_kernels.info` for what is usable on this machine.
 """
 
 from . import reference

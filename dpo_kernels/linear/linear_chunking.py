@@ -5,7 +5,7 @@ Notation: `N` valid (unmasked) tokens, `H` hidden size, `V` vocabulary size, `c`
 accumulation dtype (4, or 8 for float64).
 
 Peak extra memory of `dk.linear_sequence_logps` beyond its inputs (what `linear_peak_bytes`
-returns; checked by python_tests/test_linear_memory.py):
+returns; checked by python_tests/linear/test_linear_memory.py):
 
     forward : N*H*b [compacted hidden] + N*c*b [tile] + c*H*b [weight chunk, only when the weight
               is cast to the compute dtype] + k*N*a [running statistics, k = 3 + extras]

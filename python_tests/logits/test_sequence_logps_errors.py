@@ -1,4 +1,4 @@
-"""Bad input to `dk.sequence_logps` raises a clear exception before any kernel runs (DESIGN section
+"""Bad input to `dk.sequence_logps` raises a clear exception before any kernel runs (docs/design.md section
 5): each test checks the exception type and that the message names the offending argument."""
 
 from __future__ import annotations
