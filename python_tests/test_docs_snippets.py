@@ -1,6 +1,6 @@
 """The documentation cannot rot: every ```python block of README.md and docs/*.md (and the READMEs of
-csrc/ and benchmarks/) runs, every relative link points at a file, and nothing refers to a path
-outside the repository.
+csrc/ and benchmarks/) runs, every relative link points at a file (and its #anchor at a heading),
+and nothing refers to a path outside the repository.
 
 Blocks run in file order, in one namespace per file, in a temporary working directory, at the tiny
 sizes the snippets are written for. A block that cannot run on a CPU-only machine is marked on the
@@ -65,15 +65,16 @@ def snippets(path: Path) -> List[Snippet]:
     return found
 
 
-def _markdown_outside_code(path: Path) -> str:
-    """The file's text with fenced code blocks blanked (links inside code are not links)."""
+def _markdown_outside_code(path: Path, *, keep_code_spans: bool = False) -> str:
+    """The file's text with fenced code blocks blanked, and code spans too unless `keep_code_spans`
+    (links inside code are not links; a heading's code span is part of its anchor)."""
     out, in_code = [], False
     for line in path.read_text(encoding="utf-8").splitlines():
         if _FENCE.match(line):
             in_code = not in_code
             out.append("")
             continue
-        out.append("" if in_code else re.sub(r"`[^`]*`", "", line))
+        out.append("" if in_code else line if keep_code_spans else re.sub(r"`[^`]*`", "", line))
     return "\n".join(out)
 
 
@@ -126,16 +127,42 @@ def test_every_doc_file_exists():
         assert required in names, f"{required} is missing"
 
 
+def heading_anchors(path: Path) -> set:
+    """The anchors GitHub gives the file's headings: lower case, punctuation dropped, spaces to hyphens,
+    a repeated anchor numbered (-1, -2, ...)."""
+    anchors, seen = set(), {}
+    for line in _markdown_outside_code(path, keep_code_spans=True).splitlines():
+        heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def test_heading_anchors_follow_github(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# 2. Layout\n## `dk.sequence_logps`: the logits path\n```\n# not a heading\n```\n"
+                   "## Layout\n## Layout\n", encoding="utf-8")
+    assert heading_anchors(doc) == {"2-layout", "dksequence_logps-the-logits-path", "layout", "layout-1"}
+
+
 @pytest.mark.parametrize("path", DOC_FILES, ids=_rel)
 def test_relative_links_resolve(path):
+    """Every relative link names an existing file, and its #anchor (in a markdown file) a heading there."""
     broken = []
     for target in _LINK.findall(_markdown_outside_code(path)):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # a URL (https:, mailto:) or an anchor in the same file
-        file_part = target.split("#", 1)[0]
-        if not (path.parent / file_part).exists():
-            broken.append(target)
-    assert not broken, f"{_rel(path)}: links to missing files: {broken}"
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL (https:, mailto:)
+        file_part, _, anchor = target.partition("#")
+        linked = path.parent / file_part if file_part else path
+        if not linked.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked):
+            broken.append(f"{target} (no such heading)")
+    assert not broken, f"{_rel(path)}: broken links: {broken}"
 
 
 def _tracked_files() -> List[Path]:
