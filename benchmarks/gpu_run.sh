@@ -101,7 +101,9 @@ install_peer_wheels() {
     echo "no wheels/*.whl: the benchmarks skip peers that are not installed, and the end-to-end step TRL"
     return 0
   fi
-  "$PY" -m pip install --no-index --no-deps --no-cache-dir "${wheels[@]}"
+  "$PY" -m pip install --no-index --no-deps --no-cache-dir "${wheels[@]}" || return
+  "$PY" -m pip check 2>&1 | grep -iE "^(trl|datasets|liger|cut-cross|multiprocess|dill) " \
+    || echo "pip check: nothing missing for the wheels' packages"
 }
 
 environment() {
