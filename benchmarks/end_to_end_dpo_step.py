@@ -316,7 +316,8 @@ class Report:
 
 
 def _is_out_of_memory(exc: BaseException, torch) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError)
+    """PyTorch's allocator error, or a library's error that reports the device out of memory."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _release(torch) -> None:

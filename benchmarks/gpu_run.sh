@@ -10,7 +10,7 @@
 #
 # Budget by construction: each call has a budget (BUDGET, seconds; defaults above) and a plan of steps,
 # each with a cap; the caps of a plan sum to the budget less RESERVE (the summary and bundling at the
-# end): one step of each plan gets what the others leave. A step starts only if what remains covers its minimum, and runs under
+# end): the benchmark steps of each plan share what the others leave. A step starts only if what remains covers its minimum, and runs under
 # min(its cap, what remains - GRACE): stopped with SIGINT at that limit (pytest then still writes the
 # JSON of the rows it finished; each grid's centre runs first) and killed GRACE seconds later. So no
 # call outlasts its budget, whatever its steps do. The plan, with every limit, is printed first.
@@ -23,7 +23,9 @@
 #
 # Settings (environment): SKIP="name ..." skips steps, ONLY="name ..." runs only those; CAPS="name=s ..."
 # overrides caps (the printed plan then shows the new sum); PYTHON (default python3); BUDGET, RESERVE,
-# GRACE; GPU_TEST_WORKERS (pytest-xdist workers for the GPU tests, default 4, 0 for none).
+# GRACE; GPU_TEST_WORKERS (pytest-xdist workers for the GPU tests, default 4, 0 for none); E2E_ARGS
+# (more options of benchmarks/end_to_end_dpo_step.py). A rehearsal on CPU: DPO_BENCH_DEVICE=cpu
+# DPO_BENCH_SMOKE=1 E2E_ARGS="--device cpu --hidden 32 ..." with ONLY= the steps that need no GPU.
 # DRY_RUN=1 runs the step machinery with every command replaced by `sleep DRY_STEP_SECONDS` (default 0):
 # the budget arithmetic, limits, time-outs, skips, summary and bundle, without a GPU.
 #
@@ -54,7 +56,7 @@ RUN_DIR=$(cd "$RUN_DIR" && pwd)
 export OUT RUN_DIR PY DATE PART
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DPO_KERNELS_CUDA=1 DPO_KERNELS_CUDA_ARCHS=${DPO_KERNELS_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export DPO_BENCH_DEVICE=cuda
+export DPO_BENCH_DEVICE=${DPO_BENCH_DEVICE:-cuda}  # cpu (with DPO_BENCH_SMOKE=1): a rehearsal on CPU
 
 # -- the steps (each a function run under `timeout`; output goes to $RUN_DIR/<step>.log) -----------
 
@@ -152,8 +154,10 @@ bench_rest_logits() { bench logits_path rest; }
 bench_rest_linear() { bench linear_dpo_loss rest; }
 
 end_to_end() {  # the 1B Llama DPO step through both trainers; its searches stop 30 s before the limit
+  local extra=()
+  read -r -a extra <<< "${E2E_ARGS:-}"  # more options of the script, e.g. "--seq-len 8192"
   "$PY" benchmarks/end_to_end_dpo_step.py --device cuda --out "$RUN_DIR/end-to-end-dpo-step.json" \
-    --time-limit $((STEP_LIMIT > 60 ? STEP_LIMIT - 30 : STEP_LIMIT / 2))
+    --time-limit $((STEP_LIMIT > 60 ? STEP_LIMIT - 30 : STEP_LIMIT / 2)) "${extra[@]}"
 }
 
 report() {
@@ -161,7 +165,7 @@ report() {
   mapfile -t results < <(compgen -G "$RUN_DIR/gpu-$DATE-*.json")
   if [ ${#results[@]} -eq 0 ]; then
     echo "no benchmark JSON to report on"
-    return 1
+    return "$CANNOT_RUN"
   fi
   "$PY" benchmarks/report.py "${results[@]}" --name "gpu-$DATE-$PART" --out-dir "$RUN_DIR"
 }
@@ -171,8 +175,8 @@ export -f source_hash carried_build_matches install_project install_peer_wheels 
   sanitizer_memcheck sanitizer_racecheck ceilings bench bench_centre_logits bench_centre_linear bench_rest_logits \
   bench_rest_linear end_to_end report
 
-# -- the plans: "name cap min function" (seconds); the cap "rest" is what the other caps leave of
-#    BUDGET - RESERVE, so that the caps sum to the budget -------------------------------------------
+# -- the plans: "name cap min function" (seconds); the steps with cap "rest" share what the other caps
+#    leave of BUDGET - RESERVE, so that the caps sum to the budget ----------------------------------
 
 if [ "$PART" = a ]; then
   PLAN=(
@@ -183,19 +187,19 @@ if [ "$PART" = a ]; then
     "sanitizer-memcheck 25 15 sanitizer_memcheck"
     "sanitizer-racecheck 25 15 sanitizer_racecheck"
     "ceilings 10 5 ceilings"
-    "bench-centre-logits 40 20 bench_centre_logits"
+    "bench-centre-logits rest 20 bench_centre_logits"
     "bench-centre-linear rest 20 bench_centre_linear"
     "report 10 5 report"
   )
 else
-  install_cap=80  # a build; seconds when call a's build is carried in gpu-build/ (more for the grid)
+  install_cap=80  # a build; seconds when call a's build is carried in gpu-build/ (the rest to the grid)
   if [ "$DRY_RUN" != 1 ] && carried_build_matches; then install_cap=15; fi
   PLAN=(
     "install $install_cap 10 install_project"
     "peer-wheels 10 5 install_peer_wheels"
     "environment 10 5 environment"
-    "end-to-end 120 60 end_to_end"
-    "bench-rest-logits 55 20 bench_rest_logits"
+    "end-to-end 150 60 end_to_end"
+    "bench-rest-logits rest 20 bench_rest_logits"
     "bench-rest-linear rest 20 bench_rest_linear"
     "report 10 5 report"
   )
@@ -277,10 +281,18 @@ step() {  # step NAME CAP MIN FUNCTION
     echo "dry run: $fn replaced by sleep ${DRY_STEP_SECONDS:-0}"
     fn="sleep ${DRY_STEP_SECONDS:-0}"
   fi
+  # The output goes to the log, which is shown as it grows; not through a pipe, which a leftover
+  # grandchild could hold open past the limit. timeout runs the step in a process group of its own:
+  # what is left of that group when timeout returns is killed.
+  : > "$RUN_DIR/$name.log"  # there before tail looks for it
   # shellcheck disable=SC2086  # fn is a function name, or the dry run's "sleep N"
-  STEP_LIMIT=$limit timeout --signal=INT --kill-after="$GRACE" "$limit" bash -c '"$@"' step $fn 2>&1 \
-    | tee "$RUN_DIR/$name.log"
-  rc=${PIPESTATUS[0]}
+  STEP_LIMIT=$limit timeout --signal=INT --kill-after="$GRACE" "$limit" bash -c '"$@"' step $fn \
+    > "$RUN_DIR/$name.log" 2>&1 &
+  local pid=$!
+  tail -n +1 -s 0.2 -f --pid="$pid" "$RUN_DIR/$name.log"
+  wait "$pid"
+  rc=$?
+  kill -KILL -- "-$pid" 2> /dev/null
   case $rc in
     0) result=ok ;;
     124 | 137) result="stopped at its ${limit}s limit (exit $rc)"; FAILED=1 ;;
@@ -291,18 +303,20 @@ step() {  # step NAME CAP MIN FUNCTION
   record "$name" "${limit}s" $((SECONDS - began)) "$result"
 }
 
-resolved_plan() {  # the plan's lines: CAPS applied, "rest" replaced by what the other caps leave,
-  local entry name cap min fn fixed=0  # no minimum above its cap
+resolved_plan() {  # the plan's lines: CAPS applied, the "rest" steps sharing what the other caps leave
+  local entry name cap min fn fixed=0 shared=0 left_over seen=0  # (no minimum above its cap)
   for entry in "${PLAN[@]}"; do
     read -r name cap min fn <<< "$entry"
     cap=$(cap_of "$name" "$cap")
-    [ "$cap" = rest ] || fixed=$((fixed + cap))
+    if [ "$cap" = rest ]; then shared=$((shared + 1)); else fixed=$((fixed + cap)); fi
   done
+  left_over=$((BUDGET - RESERVE - fixed > 0 ? BUDGET - RESERVE - fixed : 0))
   for entry in "${PLAN[@]}"; do
     read -r name cap min fn <<< "$entry"
     cap=$(cap_of "$name" "$cap")
-    if [ "$cap" = rest ]; then
-      cap=$((BUDGET - RESERVE - fixed > 0 ? BUDGET - RESERVE - fixed : 0))
+    if [ "$cap" = rest ]; then  # equal shares, the last one taking the odd seconds
+      seen=$((seen + 1))
+      cap=$((seen < shared ? left_over / shared : left_over - (shared - 1) * (left_over / shared)))
     fi
     echo "$name $cap $((min < cap ? min : cap)) $fn"
   done

@@ -57,10 +57,20 @@ def test_a_step_past_its_limit_is_stopped_and_later_steps_fit_what_is_left(tmp_p
     # 22 - 10 reserved - 1 used - 5 of grace (one more second used when the clock ticked over)
     assert rows["peer-wheels"].split()[1] in ("6s", "5s") and rows["peer-wheels"].endswith(" ok")
     assert "skipped (SKIP/ONLY)" in rows["environment"]
-    for name in ("end-to-end", "bench-rest-logits", "report"):
+    for name in ("end-to-end", "report"):
         assert "skipped:" in rows[name] and "s left" in rows[name], rows[name]
-    assert "skipped: the plan leaves it no time (cap 0s)" in rows["bench-rest-linear"]  # the "rest" of 22 s
+    for name in ("bench-rest-logits", "bench-rest-linear"):  # they share what the other caps leave: nothing
+        assert "skipped: the plan leaves it no time (cap 0s)" in rows[name]
     assert seconds < 22
+
+
+def test_benchmark_steps_share_what_the_other_caps_leave(tmp_path):
+    result, _ = _run(tmp_path, "b", CAPS="end-to-end=101")
+    planned = dict((name, int(cap)) for name, cap in re.findall(r"^   (\S+)\s+(\d+)\s+\d+\s+\d+s$", result.stdout,
+                                                                 flags=re.M))
+    assert planned["end-to-end"] == 101
+    assert (planned["bench-rest-logits"], planned["bench-rest-linear"]) == (44, 45)  # (300 - 80 - 10 - 10 - 101 - 10) / 2
+    assert sum(planned.values()) == 300
 
 
 def test_usage_error_names_the_parts(tmp_path):
