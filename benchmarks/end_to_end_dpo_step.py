@@ -102,12 +102,12 @@ def longest_fitting(fits: Callable[[int], bool], start: int, maximum: int, granu
         on_probe(search)
 
     def probe(length: int) -> Optional[bool]:
-        if search.probes:
-            last = search.probes[-1]
-            estimate = last["seconds"] * max(1.0, length / last["seq_len"])
-            if seconds_left() < estimate:
-                search.stopped = f"time: {seconds_left():.0f} s left, a probe at {length} takes about {estimate:.0f} s"
-                return None
+        last = search.probes[-1] if search.probes else dict(seconds=0.0, seq_len=length)
+        estimate = last["seconds"] * max(1.0, length / last["seq_len"])
+        left = seconds_left()
+        if left <= 0 or left < estimate:
+            search.stopped = f"time: {max(left, 0):.0f} s left, a probe at {length} takes about {estimate:.0f} s"
+            return None
         began = time.perf_counter()
         ok = fits(length)
         record(length, ok, time.perf_counter() - began)
@@ -452,6 +452,10 @@ def main(argv=None) -> int:
         steps = {name: runners[name](args, base, torch, Path(work)) for name in args.trainers}
         results = report.content["trainers"]
         for name, runner in steps.items():
+            if seconds_left() <= 0:
+                results[name] = dict(at_seq_len=dict(seq_len=args.seq_len, error="not run: --time-limit reached"))
+                report.write()
+                continue
             results[name] = dict(at_seq_len=measure(runner, args.seq_len, args.warmup, args.steps, torch))
             report.content["elapsed_s"] = round(time.perf_counter() - started, 2)
             report.write()

@@ -56,6 +56,9 @@ RUN_DIR=$(cd "$RUN_DIR" && pwd)
 export OUT RUN_DIR PY DATE PART
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DPO_KERNELS_CUDA=1 DPO_KERNELS_CUDA_ARCHS=${DPO_KERNELS_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+if [ -d /usr/local/cuda/bin ] && ! command -v nvcc > /dev/null; then  # nvcc and compute-sanitizer
+  export PATH="$PATH:/usr/local/cuda/bin"
+fi
 export DPO_BENCH_DEVICE=${DPO_BENCH_DEVICE:-cuda}  # cpu (with DPO_BENCH_SMOKE=1): a rehearsal on CPU
 
 # -- the steps (each a function run under `timeout`; output goes to $RUN_DIR/<step>.log) -----------
@@ -127,7 +130,7 @@ gpu_tests() {
 
 sanitizer() {  # sanitizer TOOL: the CUDA kernels once each, on small shapes, under compute-sanitizer
   local tool=$1 sanitizer_bin
-  sanitizer_bin=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null)
+  sanitizer_bin=$(command -v compute-sanitizer)
   if [ -z "$sanitizer_bin" ]; then
     echo "compute-sanitizer not found (PATH, /usr/local/cuda/bin): the $tool check is skipped"
     return "$CANNOT_RUN"

@@ -63,6 +63,12 @@ def test_search_starts_no_probe_it_has_no_time_for():
     assert search.stopped.startswith("time: 0 s left, a probe at 128 takes about 0 s")
 
 
+def test_search_starts_nothing_past_its_time():
+    search = longest_fitting(lambda n: pytest.fail("probed past the time limit"), 64, 4096, 8, lambda: -1.0)
+    assert search.probes == [] and search.longest_fitting is None
+    assert search.stopped == "time: 0 s left, a probe at 64 takes about 0 s"
+
+
 def test_search_reports_when_nothing_fits():
     search = longest_fitting(lambda n: False, 64, 4096, 16, lambda: 1e9)
     assert search.longest_fitting is None
