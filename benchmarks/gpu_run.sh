@@ -10,10 +10,11 @@
 #
 # Budget by construction: each call has a budget (BUDGET, seconds; defaults above) and a plan of steps,
 # each with a cap; the caps of a plan sum to the budget less RESERVE (the summary and bundling at the
-# end): the benchmark steps of each plan share what the others leave. A step starts only if what remains covers its minimum, and runs under
-# min(its cap, what remains - GRACE): stopped with SIGINT at that limit (pytest then still writes the
-# JSON of the rows it finished; each grid's centre runs first) and killed GRACE seconds later. So no
-# call outlasts its budget, whatever its steps do. The plan, with every limit, is printed first.
+# end): the benchmark steps of each plan share what the other caps leave. The clock starts when the
+# script does. A step starts only if what remains covers its minimum, and runs under min(its cap, what
+# remains - GRACE): stopped with SIGINT at that limit (pytest then still writes the JSON of the rows
+# it finished; each grid's centre runs first) and killed GRACE seconds later. So no call outlasts its
+# budget, whatever its steps do. The plan, with every limit, is printed first (and kept as plan.txt).
 #
 # Output: everything a call produces (logs, JSON, junit XML, report) goes to RUN_DIR (default a fresh
 # folder under /tmp) and is bundled after every step into $OUT/gpu-run-<part>.tar.gz, with the summary
@@ -32,6 +33,7 @@
 # Exit status: 0 when every step that ran succeeded (skipped steps do not count), 1 otherwise; 2 for a
 # usage error.
 set -uo pipefail
+START=$SECONDS
 
 PART=${1:-}
 case $PART in
@@ -56,7 +58,7 @@ RUN_DIR=$(cd "$RUN_DIR" && pwd)
 export OUT RUN_DIR PY DATE PART
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DPO_KERNELS_CUDA=1 DPO_KERNELS_CUDA_ARCHS=${DPO_KERNELS_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-if [ -d /usr/local/cuda/bin ] && ! command -v nvcc > /dev/null; then  # nvcc and compute-sanitizer
+if [ -d /usr/local/cuda/bin ] && [[ ":$PATH:" != *:/usr/local/cuda/bin:* ]]; then  # nvcc, compute-sanitizer
   export PATH="$PATH:/usr/local/cuda/bin"
 fi
 export DPO_BENCH_DEVICE=${DPO_BENCH_DEVICE:-cuda}  # cpu (with DPO_BENCH_SMOKE=1): a rehearsal on CPU
@@ -103,7 +105,7 @@ install_peer_wheels() {
   local wheels=()
   mapfile -t wheels < <(compgen -G "wheels/*.whl")
   if [ ${#wheels[@]} -eq 0 ]; then
-    echo "no wheels/*.whl: the benchmarks skip peers that are not installed, and the end-to-end step TRL"
+    echo "no wheels/*.whl: the benchmarks skip the peers that are not installed; the end-to-end step, TRL"
     return 0
   fi
   "$PY" -m pip install --no-index --no-deps --no-cache-dir "${wheels[@]}" || return
@@ -221,7 +223,6 @@ cap_of() {  # cap_of NAME DEFAULT: the cap, or its CAPS override
 
 # -- the machinery ---------------------------------------------------------------------------------
 
-START=$SECONDS
 NAMES=()
 RESULTS=()
 TIMES=()
@@ -325,17 +326,21 @@ resolved_plan() {  # the plan's lines: CAPS applied, the "rest" steps sharing wh
   done
 }
 
-total=0
-echo "== plan of call $PART: budget ${BUDGET}s = steps + ${RESERVE}s reserve; a step runs under"
-echo "   min(cap, time left - ${GRACE}s) if that covers its minimum; results: $OUT (work: $RUN_DIR)"
-printf '   %-22s %5s %5s %s\n' step cap min "starts by (if every step before uses its cap)"
-while read -r name cap min fn; do
-  printf '   %-22s %5s %5s %ss\n' "$name" "$cap" "$min" "$total"
-  total=$((total + cap))
-done < <(resolved_plan)
-echo "   caps sum to ${total}s of the $((BUDGET - RESERVE))s for steps"
-[ "$total" -gt $((BUDGET - RESERVE)) ] && echo "   (over: the last steps get what is left, or are skipped)"
-[ "$DRY_RUN" = 1 ] && echo "   DRY_RUN: every command is replaced by sleep ${DRY_STEP_SECONDS:-0}"
+print_plan() {
+  local total=0 name cap min fn
+  echo "== plan of call $PART: budget ${BUDGET}s = steps + ${RESERVE}s reserve; a step runs under"
+  echo "   min(cap, time left - ${GRACE}s) if that covers its minimum; results: $OUT (work: $RUN_DIR)"
+  printf '   %-22s %5s %5s %s\n' step cap min "starts by (if every step before uses its cap)"
+  while read -r name cap min fn; do
+    printf '   %-22s %5s %5s %ss\n' "$name" "$cap" "$min" "$total"
+    total=$((total + cap))
+  done < <(resolved_plan)
+  echo "   caps sum to ${total}s of the $((BUDGET - RESERVE))s for steps"
+  if [ "$total" -gt $((BUDGET - RESERVE)) ]; then echo "   (over: the last steps get what is left, or are skipped)"; fi
+  if [ "$DRY_RUN" = 1 ]; then echo "   DRY_RUN: every command is replaced by sleep ${DRY_STEP_SECONDS:-0}"; fi
+}
+
+print_plan | tee "$RUN_DIR/plan.txt"
 
 mapfile -t STEPS < <(resolved_plan)
 for entry in "${STEPS[@]}"; do

@@ -45,7 +45,7 @@ def test_plan_sums_to_the_budget_and_every_step_runs(tmp_path, part, plan, budge
     assert list(rows) == plan and all(row.endswith(" ok") for row in rows.values())
     with tarfile.open(tmp_path / "out" / f"gpu-run-{part}.tar.gz") as bundle:
         names = {Path(n).name for n in bundle.getnames()}
-    assert {f"{name}.log" for name in plan} | {"summary.txt"} <= names
+    assert {f"{name}.log" for name in plan} | {"summary.txt", "plan.txt"} <= names
 
 
 def test_a_step_past_its_limit_is_stopped_and_later_steps_fit_what_is_left(tmp_path):
