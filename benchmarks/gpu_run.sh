@@ -19,8 +19,9 @@
 # Output: everything a call produces (logs, JSON, junit XML, report) goes to RUN_DIR (default a fresh
 # folder under /tmp) and is bundled after every step into $OUT/gpu-run-<part>.tar.gz, with the summary
 # in $OUT/gpu-run-<part>-summary.txt, so a call stopped from outside keeps what it finished. Call a
-# also leaves the extension it built in $OUT (_C.*.so and sources.sha256): put both in gpu-build/ and
-# call b on a fresh machine skips the build (only while the C++/CUDA sources are unchanged).
+# also leaves the extension it built in gpu-build/ (git-ignored) and in $OUT (_C.*.so and
+# sources.sha256): call b uses it instead of building while sources, Python and torch are unchanged
+# (on a fresh machine: put the two files from $OUT in gpu-build/ and carry it).
 #
 # Settings (environment): SKIP="name ..." skips steps, ONLY="name ..." runs only those; CAPS="name=s ..."
 # overrides caps (the printed plan then shows the new sum); PYTHON (default python3); BUDGET, RESERVE,
@@ -96,8 +97,9 @@ assert info.get("cuda") and "90" in info.get("cuda_archs", ""), f"not a CUDA bui
 import dpo_kernels._C as C
 print(C.__file__)') || return 1
   echo "extension: $so"
-  if [ "$PART" = a ]; then  # for call b on a fresh machine (GPU.md: put these in gpu-build/)
-    cp "$so" "$OUT/" && source_hash > "$OUT/sources.sha256"
+  if [ "$PART" = a ]; then  # for call b: here in gpu-build/ (a warm machine), and in $OUT (a fresh one)
+    mkdir -p gpu-build && cp "$so" gpu-build/ && source_hash > gpu-build/sources.sha256 \
+      && cp gpu-build/* "$OUT/"
   fi
 }
 
@@ -198,7 +200,7 @@ if [ "$PART" = a ]; then
   )
 else
   install_cap=80  # a build; seconds when call a's build is carried in gpu-build/ (the rest to the grid)
-  if [ "$DRY_RUN" != 1 ] && carried_build_matches; then install_cap=15; fi
+  if [ "$DRY_RUN" != 1 ] && carried_build_matches; then install_cap=20; fi
   PLAN=(
     "install $install_cap 10 install_project"
     "peer-wheels 10 5 install_peer_wheels"
