@@ -15,8 +15,8 @@ What it launches (`--backend`, default cuda; fp32, bf16 and fp16 each):
   entropy term, each for the identity, scale-only and softcap transforms, on a `[3, 300]` tile with a
   row stride of 301, vocabulary offset 100, one target inside the tile, one outside and one ignored.
 
-Each result is checked to be finite, and the driver prints one line per call, then `ok` (exit 0). The shapes are small because the sanitizer slows every
-launch by orders of magnitude.
+Each result is checked to be finite, and the driver prints one line per call, then `ok` (exit 0).
+The shapes are small because the sanitizer slows every launch by orders of magnitude.
 """
 
 from __future__ import annotations

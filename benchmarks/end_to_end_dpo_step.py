@@ -47,7 +47,6 @@ import dataclasses
 import gc
 import importlib.metadata
 import json
-import math
 import os
 import statistics
 import sys
@@ -474,7 +473,7 @@ def main(argv=None) -> int:
                 known = True if measured["error"] is None else (False if measured["error"].startswith("out of memory")
                                                                 else None)
                 if known is None:
-                    results[name]["longest_seq_len"] = dict(stopped="not searched: the timed steps failed")
+                    results[name]["longest_seq_len"] = dict(stopped="not searched: no timed steps (see at_seq_len)")
                     report.write()
                     continue
                 try:
@@ -485,8 +484,9 @@ def main(argv=None) -> int:
                 except Exception as exc:  # a failure other than memory: recorded, the other search still runs
                     _release(torch)
                     last = results[name].get("longest_seq_len", {})
-                    search = FitSearch(last.get("longest_fitting"), last.get("shortest_failing"), last.get("probes", []),
-                                       stopped=f"a probe failed: {type(exc).__name__}: {exc}"[:2000])
+                    reason = f"a probe failed: {type(exc).__name__}: {exc}"[:2000]
+                    search = FitSearch(last.get("longest_fitting"), last.get("shortest_failing"),
+                                       last.get("probes", []), stopped=reason)
                 on_probe(search)
                 print(f"{name}: longest sequence that fits {search.longest_fitting} "
                       f"(shortest failing {search.shortest_failing}; {search.stopped})", flush=True)

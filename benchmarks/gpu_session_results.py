@@ -61,7 +61,8 @@ def session_markdown(merged: dict, name: str) -> str:
     e2e = merged.get("end_to_end") or {}
     versions = {**e2e.get("environment", {}).get("versions", {}), **bench.get("versions", {})}
     gpu = bench.get("gpu_name") or e2e.get("environment", {}).get("gpu_name") or "?"
-    lines.append(f"- GPU: {gpu}, driver {bench.get('gpu_driver') or '?'}, CUDA of torch {bench.get('torch_cuda') or '?'}")
+    lines.append(f"- GPU: {gpu}, driver {bench.get('gpu_driver') or '?'}, "
+                 f"CUDA of torch {bench.get('torch_cuda') or '?'}")
     lines.append("- Versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in sorted(versions.items())))
     ceilings = merged.get("ceilings")
     if ceilings:
