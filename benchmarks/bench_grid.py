@@ -19,8 +19,8 @@ CPU (a 2-core development machine; the whole suite in a few minutes): N in {512,
 32000}, H = 512, fp32 and bf16 (bf16 GEMMs are fast on CPUs with AVX-512 BF16 and the bf16 reference
 is about 1.5x the fp32 one, so neither is absurdly slow).
 
-GPU (one H100/H200 class device, within the ten minutes of benchmarks/gpu_run.sh, next to the build and
-the GPU tests): a cross through one realistic centre instead of the full product, so that each sweep
+GPU (one H100/H200 class device, within the two calls of benchmarks/gpu_run.sh: the centres in the
+first, next to the build and the GPU tests, the rest in the second): a cross through one realistic centre instead of the full product, so that each sweep
 has a line per implementation and the grid stays small (every point costs several compiled and
 checked runs, and the centre runs first, so a run stopped at its time limit still has it); bf16 only
 (what models train in; fp32 would double the run: `DPO_BENCH_DTYPES=float32,bfloat16`); logits path
