@@ -339,7 +339,7 @@ def measure(steps: Steps, seq_len: int, warmup: int, count: int, torch) -> dict:
                   error=error)
     if times:
         median = statistics.median(times)
-        result.update(median_step_s=round(median, 6), tokens_per_s=round(result["tokens_per_step"] / median, 1))
+        result.update(median_step_s=round(median, 6), tokens_per_s=float(f"{result['tokens_per_step'] / median:.6g}"))
     if peak is not None:
         result["peak_memory_gib"] = round(peak / 2**30, 3)
     return result
