@@ -3,6 +3,9 @@
 Device: CUDA when PyTorch sees one, else CPU (`DPO_BENCH_DEVICE=cpu` forces CPU on a GPU machine).
 `DPO_BENCH_SMOKE=1` shrinks every path to tiny shapes (CI: it checks agreement, times nothing).
 `DPO_BENCH_DTYPES=float32,bfloat16` overrides the dtypes.
+`DPO_BENCH_POINTS=centre` keeps only each path's first shape (the centre of the GPU cross), `rest` every
+other one, `all` (the default) both: benchmarks/gpu_run.sh runs the centres in its first call and the
+rest in its second.
 
 Shapes, with N the number of scored tokens:
 
@@ -16,8 +19,8 @@ CPU (a 2-core development machine; the whole suite in a few minutes): N in {512,
 32000}, H = 512, fp32 and bf16 (bf16 GEMMs are fast on CPUs with AVX-512 BF16 and the bf16 reference
 is about 1.5x the fp32 one, so neither is absurdly slow).
 
-GPU (one H100/H200 class device, within the ten minutes of benchmarks/gpu_run.sh, next to the build and
-the GPU tests): a cross through one realistic centre instead of the full product, so that each sweep
+GPU (one H100/H200 class device, within the two calls of benchmarks/gpu_run.sh: the centres in the
+first, next to the build and the GPU tests, the rest in the second): a cross through one realistic centre instead of the full product, so that each sweep
 has a line per implementation and the grid stays small (every point costs several compiled and
 checked runs, and the centre runs first, so a run stopped at its time limit still has it); bf16 only
 (what models train in; fp32 would double the run: `DPO_BENCH_DTYPES=float32,bfloat16`); logits path
@@ -39,6 +42,7 @@ import dpo_kernels as dk
 
 SMOKE = os.environ.get("DPO_BENCH_SMOKE", "0") == "1"
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+POINT_SETS = ("all", "centre", "rest")
 
 
 def bench_device() -> torch.device:
@@ -154,6 +158,14 @@ def _cross(centre: dict, sweeps: dict) -> list:
     return points
 
 
+def grid_points(shapes: list) -> list:
+    """The part of a path's shapes that `DPO_BENCH_POINTS` selects (the first shape is the centre)."""
+    selected = os.environ.get("DPO_BENCH_POINTS", "all")
+    if selected not in POINT_SETS:
+        raise ValueError(f"DPO_BENCH_POINTS must be one of {POINT_SETS}, got {selected!r}")
+    return {"all": shapes, "centre": shapes[:1], "rest": shapes[1:]}[selected]
+
+
 def logits_shapes() -> list:
     if SMOKE:
         return [LogitsShape(S=2, T=24, V=500)]
@@ -180,9 +192,9 @@ def timing_rounds() -> int:
 
 def benchmark_cases(shapes, modes, impls_of_mode) -> list:
     """pytest params `(shape, dtype, mode, impl)`, grouped by grid point, each group's reference first
-    (bench_record takes the ratios of later rows against it)."""
+    (bench_record takes the ratios of later rows against it); only the shapes `DPO_BENCH_POINTS` selects."""
     cases = []
-    for shape in shapes:
+    for shape in grid_points(shapes):
         for dtype in DTYPES:
             for mode in modes:
                 impls = impls_of_mode(mode)

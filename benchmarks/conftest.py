@@ -11,13 +11,12 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import platform
-import statistics
 import subprocess
-import time
 
 import torch
 
 from benchmarks.bench_grid import DEVICE, SMOKE
+from benchmarks.ceilings import copy_bandwidth_gbs
 
 if SMOKE:
     # The smoke run checks the harness and agreement at tiny shapes in seconds; compiling every
@@ -54,23 +53,6 @@ def _gpu_driver() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.strip().splitlines()[0] if out.strip() else None
-
-
-def copy_bandwidth_gbs(device: torch.device, nbytes: int, repeats: int = 5) -> float:
-    """Device copy bandwidth (bytes read + written per second, GB/s): median of `repeats` copies."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / statistics.median(times) / 1e9
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
