@@ -42,10 +42,6 @@ class LinearOptions(NamedTuple):
     reduce_hidden_grad: bool = False
 
 
-def _acc_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if compute_dtype == torch.float64 else torch.float32
-
-
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -101,7 +97,7 @@ def linear_token_logps(
 def _linear_token_logps_fake(hidden, weight, bias, targets, backend, pre_scale, softcap, post_scale, chunk_size,
                              cache_budget_bytes, compute_dtype, extras, vocab_size, group_name, reduce_hidden_grad):
     N = hidden.shape[0]
-    acc = _acc_dtype(compute_dtype)
+    acc = loops._acc_dtype(compute_dtype)
     wanted = extras.split(",")
     per_token = [hidden.new_empty((N if name in wanted else 0,), dtype=torch.bool if name == "is_top1" else acc)
                  for name in loops.EXTRAS]
