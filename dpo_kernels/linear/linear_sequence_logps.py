@@ -200,7 +200,7 @@ def linear_sequence_logps(
     else:
         targets = aligned_targets(labels, shift, ignore_index)
         valid = targets != ignore_index
-        s_idx, t_idx = scored_positions(targets, ignore_index)
+        s_idx, t_idx = scored_positions(targets, ignore_index, V if shard is None else shard.vocab_size)
         # every position scored (the caller compacted already): a view if possible. Under
         # torch.compile N is a symbol, not a number: the gather is traced instead.
         if not torch.compiler.is_compiling() and s_idx.numel() == S * T:

@@ -68,9 +68,12 @@ def test_token_logps_ops(inplace):
 @pytest.mark.parametrize("all_scored", [False, True], ids=["masked", "all-scored"])
 def test_scored_positions(all_scored):
     labels = _labels() if not all_scored else torch.randint(0, V, (S, T))
-    torch.library.opcheck(OPS.scored_positions, (labels, -100))
-    positions = OPS.scored_positions(labels, -100)
+    torch.library.opcheck(OPS.scored_positions, (labels, -100, V))
+    positions = OPS.scored_positions(labels, -100, V)
     assert torch.equal(positions, torch.stack((labels != -100).nonzero(as_tuple=True)))
+    labels[1, 2] = V
+    with pytest.raises(ValueError, match=r"target 300 of position \[1, 2\] .* outside \[0, 300\)"):
+        OPS.scored_positions(labels, -100, V)
 
 
 @pytest.mark.parametrize("cache,extras", [(False, EXTRAS), (True, EXTRAS), (False, "")],

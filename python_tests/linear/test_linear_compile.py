@@ -193,3 +193,21 @@ def test_compiled_module_reuses_its_graph_for_new_values_and_masks():
         assert not torch.equal(out.loss, first.loss)  # it did compute on the new values
         eager, eager_grads = run(module, seed, variant, all_scored)
         _assert_same_loss(out, eager, grads, eager_grads)
+
+
+def test_out_of_range_label_under_compile_is_an_error_not_a_wrong_number():
+    """While tracing, the labels cannot be read, so the caller's range check is skipped; the
+    compaction op checks the scored targets when the compiled code runs."""
+    require_backend("cpu", "cpu")
+    torch._dynamo.reset()
+
+    def fn(hidden, weight, labels):
+        return dk.linear_sequence_logps(hidden, weight, labels, shift=True, backend="cpu").logps
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    hidden, weight, _, labels, _ = _linear_inputs()
+    hidden = hidden[:, :-1]
+    torch.testing.assert_close(compiled(hidden, weight, labels), fn(hidden, weight, labels), **CLOSE)
+    labels[2, 4] = 300
+    with pytest.raises(ValueError, match=r"target 300 of position \[2, 3\] \(after any shift\) is outside"):
+        compiled(hidden, weight, labels)
