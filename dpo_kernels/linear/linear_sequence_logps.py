@@ -126,6 +126,11 @@ def linear_sequence_logps(
     Materialised: the compacted hidden states, one `[N_valid, c]` tile (or every tile, within
     `cache_budget_bytes`) and a few `[N_valid]` statistics in forward; in backward the tile, an
     fp32 `[N_valid, H]` accumulator and the gradients themselves. Peak formula: linear_chunking.py.
+
+    Traces with `torch.compile(fullgraph=True)` (not vocabulary-parallel): the compaction and the
+    chunk loops are custom ops (scored_positions_op.py, linear_token_logps_op.py) and N_valid is a
+    symbol, so a new mask reuses the compiled graph. Compiled, the hidden states are gathered even
+    when every position is scored (eager takes a view then).
     """
     if sharded_weights.needs_zero3_gather(weight, bias):
         sharded_weights.check_no_zero3_gradient(weight, bias)
