@@ -216,7 +216,8 @@ def linear_sequence_logps(
         if shard is not None:
             targets_valid = targets_valid - shard.start  # this rank's ids; others' targets never match
         options = LinearOptions(
-            backend=name, pre_scale=float(logit_scale), softcap=float(softcap or 0.0), post_scale=1.0 / float(temperature),
+            backend=name, pre_scale=float(logit_scale), softcap=float(softcap or 0.0),
+            post_scale=1.0 / float(temperature),
             chunk_size=chunk_size or 0, cache_budget_bytes=cache_budget_bytes, compute_dtype=compute_dtype,
             extras=",".join(extras), vocab_size=V if shard is None else shard.vocab_size,
             group_name=None if shard is None else shard.group.group_name, reduce_hidden_grad=reduce_hidden_grad,
