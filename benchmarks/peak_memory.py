@@ -118,13 +118,21 @@ class _AllocationTracker:
         self.held -= nbytes
 
 
+def _backend_keys(args) -> "torch._C.DispatchKeySet":
+    """The backend dispatch key of the first tensor argument (CPU or CUDA): redispatching to it
+    runs a custom op's implementation itself, below the dispatch mode."""
+    device = next(a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)).device
+    return torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU)
+
+
 def allocation_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes held by the tensors that `fn()` creates through PyTorch ops (forward and any
     backward it runs), counted exactly with a dispatch mode rather than from the resident set:
     a storage counts from the op that creates it until PyTorch frees it. Memory allocated outside
     PyTorch is not seen (the C++ kernels of this package allocate none). Storages that existed
-    before the call (and views of them) never count. `torch.compile`d code runs eagerly under the
-    mode: use `allocator_peak_bytes` for it."""
+    before the call (and views of them) never count; the implementations of this package's
+    custom ops (dpo_kernels::*) run under the mode too, so what they allocate inside counts.
+    `torch.compile`d code runs eagerly under the mode: use `allocator_peak_bytes` for it."""
     from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
 
     tracker = _AllocationTracker()
@@ -135,7 +143,11 @@ def allocation_peak_bytes(fn: Callable[[], object]) -> int:
             for value in torch.utils._pytree.tree_leaves((args, kwargs or {})):
                 if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata not in tracker.seen:
                     existing.add(value.untyped_storage()._cdata)
-            out = func(*args, **(kwargs or {}))
+            if func.namespace == "dpo_kernels":  # a custom op: count what its implementation allocates inside
+                with self:
+                    out = func.redispatch(_backend_keys(args), *args, **(kwargs or {}))
+            else:
+                out = func(*args, **(kwargs or {}))
             for value in torch.utils._pytree.tree_leaves(out):
                 if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata not in existing:
                     tracker.add(value)

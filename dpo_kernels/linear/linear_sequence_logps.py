@@ -12,13 +12,14 @@ import torch
 
 from .. import reference, validation
 from ..backends.availability import resolve_backend
-from ..backends.tile_epilogue import LogitTransform
 from ..distributed import sharded_weights
 from ..distributed.vocab_shard import resolve_vocab_shard
 from ..outputs import LogpsOutput
 from ..sequence_reduction import aligned_targets, aligned_weights, reduce_to_sequences
-from .linear_chunking import choose_chunk_size, uses_cache
-from .linear_token_logps import EXTRAS, LinearConfig, LinearTokenLogps
+from . import linear_token_logps_op
+from .linear_token_logps import EXTRAS
+from .linear_token_logps_op import LinearOptions
+from .scored_positions_op import scored_positions
 
 
 def _check_positive(name: str, value, *, allow_none: bool = False) -> None:
@@ -125,6 +126,11 @@ def linear_sequence_logps(
     Materialised: the compacted hidden states, one `[N_valid, c]` tile (or every tile, within
     `cache_budget_bytes`) and a few `[N_valid]` statistics in forward; in backward the tile, an
     fp32 `[N_valid, H]` accumulator and the gradients themselves. Peak formula: linear_chunking.py.
+
+    Traces with `torch.compile(fullgraph=True)` (not vocabulary-parallel): the compaction and the
+    chunk loops are custom ops (scored_positions_op.py, linear_token_logps_op.py) and N_valid is a
+    symbol, so a new mask reuses the compiled graph. Compiled, the hidden states are gathered even
+    when every position is scored (eager takes a view then).
     """
     if sharded_weights.needs_zero3_gather(weight, bias):
         sharded_weights.check_no_zero3_gradient(weight, bias)
@@ -199,32 +205,27 @@ def linear_sequence_logps(
     else:
         targets = aligned_targets(labels, shift, ignore_index)
         valid = targets != ignore_index
-        s_idx, t_idx = valid.nonzero(as_tuple=True)
-        if s_idx.numel() == S * T:  # every position is scored (the caller compacted already): a view if possible
+        s_idx, t_idx = scored_positions(targets, ignore_index, V if shard is None else shard.vocab_size)
+        # every position scored (the caller compacted already): a view if possible. Under
+        # torch.compile N is a symbol, not a number: the gather is traced instead.
+        if not torch.compiler.is_compiling() and s_idx.numel() == S * T:
             hidden_valid = hidden.reshape(S * T, hidden.shape[-1])
         else:
             hidden_valid = hidden[s_idx, t_idx]  # [N_valid, H]: the only positions that reach a GEMM
-        targets_valid = targets[s_idx, t_idx].contiguous()
+        targets_valid = targets[s_idx, t_idx]
         if shard is not None:
             targets_valid = targets_valid - shard.start  # this rank's ids; others' targets never match
-        n_valid = hidden_valid.shape[0]
-        element_size = torch.empty((), dtype=compute_dtype).element_size()
-        chunk = chunk_size or choose_chunk_size(n_valid, V, element_size, hidden.device.type)
-        config = LinearConfig(
-            backend=name,
-            transform=LogitTransform(pre_scale=float(logit_scale), softcap=float(softcap or 0.0),
-                                     post_scale=1.0 / float(temperature)),
-            chunk_size=min(chunk, V),
-            compute_dtype=compute_dtype,
-            extras=extras,
-            cache=uses_cache(n_valid, V, element_size, cache_budget_bytes),
-            shard=shard,
-            reduce_hidden_grad=reduce_hidden_grad,
+        options = LinearOptions(
+            backend=name, pre_scale=float(logit_scale), softcap=float(softcap or 0.0),
+            post_scale=1.0 / float(temperature),
+            chunk_size=chunk_size or 0, cache_budget_bytes=cache_budget_bytes, compute_dtype=compute_dtype,
+            extras=",".join(extras), vocab_size=V if shard is None else shard.vocab_size,
+            group_name=None if shard is None else shard.group.group_name, reduce_hidden_grad=reduce_hidden_grad,
         )
-        outputs = LinearTokenLogps.apply(hidden_valid, weight, bias, targets_valid, config)
+        outputs = linear_token_logps_op.apply(hidden_valid, weight, bias, targets_valid, options)
         acc = outputs[0].dtype
         per_position = {}
-        for key, values in zip(("token_logps",) + EXTRAS, outputs):
+        for key, values in zip(("token_logps", "row_stats") + EXTRAS, outputs):
             if key == "token_logps" or key in extras:
                 per_position[key] = _scatter(values, s_idx, t_idx, S, T)
         weights = None if token_weights is None else aligned_weights(token_weights, shift, acc)

@@ -263,13 +263,13 @@ def test_dpo_trainer_gradients_match_trl(tmp_path, monkeypatch):
     from python_tests.helpers.trl_training import make_dpo_trainer
 
     backward_calls = []
-    original_backward = linear_token_logps.LinearTokenLogps.backward
+    original_backward = linear_token_logps.backward_chunks
 
-    def counting_backward(ctx, *grads):
+    def counting_backward(*args, **kwargs):
         backward_calls.append(1)
-        return original_backward(ctx, *grads)
+        return original_backward(*args, **kwargs)
 
-    monkeypatch.setattr(linear_token_logps.LinearTokenLogps, "backward", staticmethod(counting_backward))
+    monkeypatch.setattr(linear_token_logps, "backward_chunks", counting_backward)
     tokenizer = _tokenizer()
     model = _model("llama-untied", len(tokenizer))
     grads = {}

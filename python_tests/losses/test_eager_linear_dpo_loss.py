@@ -74,6 +74,23 @@ def test_float64_equals_the_default_path_and_the_oracle(options, block_bytes):
         assert (got - oracle_grad).abs().max().item() <= 1e-10 * scale
 
 
+def test_reference_free_with_pair_weights_equals_the_default_path():
+    """No reference log-probs at all (reference_free=True, SimPO-style) and per-pair weights, which
+    the blocks slice."""
+    hidden, weight, bias, labels, _ = _inputs(torch.float64)
+    options = dict(reference_free=True, loss_type="sigmoid_norm", simpo_gamma=0.5, beta=2.0, shift=True,
+                   backend="cpu", pair_weights=torch.tensor([0.5, 1.5, 1.0], dtype=torch.float64))
+    results = []
+    for eager in (False, True):
+        out = dk.fused_linear_dpo_loss(hidden, weight, labels, bias, eager_backward=eager,
+                                       cache_budget_bytes=2 * T * V * 8, **options)
+        results.append((out, torch.autograd.grad(out.loss, (hidden, weight, bias))))
+    (default, default_grads), (eager, eager_grads) = results
+    torch.testing.assert_close(eager.losses, default.losses.detach(), rtol=1e-12, atol=1e-12)
+    for got, want in zip(eager_grads, default_grads):
+        assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_float32_and_wpo(backend, monkeypatch):
     if backend == "triton":
