@@ -26,6 +26,13 @@ HEAD_CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16
 CHECK_POSITIONS = 64  # tokens of each probe row the head check scores
 
 
+def head_check_tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """`HEAD_CHECK_TOLERANCE[dtype]`; fp32 GEMMs on CUDA with TF32 allowed round like fp16."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return HEAD_CHECK_TOLERANCE[torch.float16]
+    return HEAD_CHECK_TOLERANCE.get(dtype, HEAD_CHECK_TOLERANCE[torch.bfloat16])
+
+
 @dataclass(frozen=True)
 class OutputHead:
     """logits = softcap(logit_scale * (hidden @ weight.T + bias)). `parameter` (and
@@ -182,14 +189,14 @@ def check_output_head(model, head: OutputHead, input_ids: torch.Tensor, attentio
     """Score the tokens of a real batch (its first `CHECK_POSITIONS` positions) through `head` on
     the backbone's hidden states, and through the model's own logits; compare the log-probs and
     their gradients w.r.t. the input embeddings' output and the lm_head parameters, with a relative
-    tolerance set by the lm_head's dtype (`HEAD_CHECK_TOLERANCE`). A model whose head applies a
+    tolerance set by the lm_head's dtype (`head_check_tolerance`). A model whose head applies a
     transform the trainer does not know is refused instead of trained on the wrong log-probs. The
     probe's `[rows, T, V]` logits are built here, once, in eval mode."""
     input_ids, attention_mask = input_ids[:, :CHECK_POSITIONS], attention_mask[:, :CHECK_POSITIONS]
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     params = {name: p for name, p in (("lm_head weight", head.parameter), ("lm_head bias", head.bias_parameter))
               if p is not None and p.requires_grad}
-    tolerance = HEAD_CHECK_TOLERANCE.get(head.parameter.dtype, 3e-2)
+    tolerance = head_check_tolerance(head.parameter.dtype, head.parameter.device)
     was_training = model.training
     model.eval()
     try:
