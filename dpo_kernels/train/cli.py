@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--precompute-ref-logps", action="store_true",
                    help="score the reference once, cache it on disk (keyed by model and data hashes), free it")
     g.add_argument("--no-router-aux-loss", action="store_true",
-                   help="MoE models: leave out the router load-balancing loss TRL adds (router_aux_loss_coef x aux_loss)")
+                   help="MoE models: leave out the router load-balancing loss that TRL adds "
+                        "(router_aux_loss_coef x aux_loss)")
     g.add_argument("--ref-cache-dir", help="where cached reference log-probs live (default: OUTPUT/ref_logps)")
 
     g = train.add_argument_group("optimisation")

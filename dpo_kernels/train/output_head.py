@@ -224,4 +224,5 @@ def check_output_head(model, head: OutputHead, input_ids: torch.Tensor, attentio
             f"model {type(model).__name__}: log-probs through its lm_head (logit_scale={head.logit_scale:g}, "
             f"softcap={head.softcap}; config transforms read: {declared}) differ from its own logits' (relative "
             f"error: {found}; {head.parameter.dtype} tolerance {tolerance:g}); its output head applies a transform "
-            f"the trainer does not know, so it cannot be trained through the linear path (known config fields: {known})")
+            f"the trainer does not know, so it cannot be trained through the linear path (known config fields: "
+            f"{known})")

@@ -38,11 +38,8 @@ ZOO = [
     ("llama", dict(tie_word_embeddings=True), dict(tied=True)),
     ("llama", dict(tie_word_embeddings=False), dict(tied=False)),
     ("qwen2", dict(), {}),
-    ("qwen3", dict(), {}),
-    ("mistral", dict(), {}),
     ("gemma", dict(), dict(tied=True)),
     ("gemma2", dict(final_logit_softcapping=0.5), dict(transforms=[("final_logit_softcapping", "softcap", 0.5)])),
-    ("gemma3_text", dict(final_logit_softcapping=0.7), dict(transforms=[("final_logit_softcapping", "softcap", 0.7)])),
     ("phi3", dict(), {}),
     ("phi", dict(), dict(bias=True)),
     ("gpt2", dict(), dict(tied=True)),
@@ -53,7 +50,6 @@ ZOO = [
     ("gpt_bigcode", dict(resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1), {}),
     ("bloom", dict(), {}),
     ("falcon", dict(), {}),
-    ("stablelm", dict(), {}),
     ("olmo2", dict(), {}),
     ("starcoder2", dict(), {}),
     ("cohere", dict(logit_scale=0.25), dict(transforms=[("logit_scale", "multiply", 0.25)])),
@@ -65,7 +61,6 @@ ZOO = [
     # MoE
     ("mixtral", dict(router_jitter_noise=0.1), {}),
     ("qwen2_moe", dict(), {}),
-    ("qwen3_moe", dict(), {}),
     ("olmoe", dict(), {}),
     ("phimoe", dict(input_jitter_noise=0.1), {}),
     ("gpt_oss", dict(), {}),
@@ -77,8 +72,7 @@ ZOO = [
     ("rwkv", dict(attention_hidden_size=32, intermediate_size=64), dict(tied=False)),
     ("xlstm", dict(output_logit_soft_cap=0.5, embedding_dim=32, chunk_size=8),
      dict(transforms=[("output_logit_soft_cap", "softcap", 0.5)])),
-    ("recurrent_gemma", dict(logits_soft_cap=0.3), dict(transforms=[("logits_soft_cap", "softcap", 0.3)])),
-    ("recurrent_gemma", dict(), dict(transforms=[("logits_soft_cap", "softcap", 30.0)])),  # the default cap
+    ("recurrent_gemma", dict(), dict(transforms=[("logits_soft_cap", "softcap", 30.0)])),  # its default cap
     ("jamba", dict(), {}),
     ("bamba", SSM_HYBRID, {}),
     ("falcon_h1", dict(lm_head_multiplier=0.3, mamba_d_ssm=64, **SSM_HYBRID),
