@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--use-weighting", action="store_true", help="WPO pair weights")
     g.add_argument("--precompute-ref-logps", action="store_true",
                    help="score the reference once, cache it on disk (keyed by model and data hashes), free it")
+    g.add_argument("--no-router-aux-loss", action="store_true",
+                   help="MoE models: leave out the router load-balancing loss that TRL adds "
+                        "(router_aux_loss_coef x aux_loss)")
     g.add_argument("--ref-cache-dir", help="where cached reference log-probs live (default: OUTPUT/ref_logps)")
 
     g = train.add_argument_group("optimisation")
@@ -228,6 +231,7 @@ def run_train(args) -> dict:
         grad_accumulation=args.grad_accumulation, epochs=pick("epochs", DEFAULTS.epochs), max_steps=args.max_steps,
         shuffle=not args.no_shuffle, seed=args.seed, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, fsdp2=args.fsdp2, eager_backward=args.eager_backward,
+        router_aux_loss=not args.no_router_aux_loss,
         chunk_size=args.chunk_size, backend=args.backend,
         log_every=args.log_every, eval_every=pick("eval_every", None), save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, progress_bar=not args.no_progress, plots=not args.no_plots,

@@ -46,7 +46,8 @@ class TrainConfig:
     # numerics and memory
     mixed_precision: str = "auto"      # auto: bf16 autocast on CUDA, none on CPU
     gradient_checkpointing: bool = False
-    disable_dropout: bool = True       # as TRL does: dropout would make policy and reference disagree
+    disable_dropout: bool = True       # dropout and router noise off (model_quirks.py): policy == reference at step 0
+    router_aux_loss: bool = True       # MoE: add router_aux_loss_coef x the model's aux_loss, as TRL does
     fsdp2: bool = False                # under torchrun: shard the policy with FSDP2 instead of replicating it
     chunk_size: Optional[int] = None   # vocabulary chunk of the linear path (None: its default)
     eager_backward: bool = False       # gradients in forward, pair by pair (no recompute; see the README)

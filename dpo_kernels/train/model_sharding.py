@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from .output_head import backbone, hidden_states_from_root
+
 
 def decoder_layers(model) -> list:
     """The repeated blocks of the backbone: its first non-empty `nn.ModuleList`."""
-    for module in model.base_model.modules():
+    for module in backbone(model).modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
             return list(module)
     raise ValueError(f"model {type(model).__name__}: no decoder layers (nn.ModuleList) found to shard with FSDP2")
@@ -37,21 +39,7 @@ def shard_model(model) -> None:
 def sharded_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """`[rows, T, H]` last hidden states of a sharded model, through its root forward (FSDP2's hooks
     run) with no logits computed; afterwards `output_head(model)` holds unsharded parameters."""
-    captured = []
-
-    def keep_output(module, args, output):
-        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-    handle = model.base_model.register_forward_hook(keep_output)
-    try:
-        no_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=no_positions)
-    finally:
-        handle.remove()
-    if out.logits.numel() != 0:
-        raise ValueError(f"model {type(model).__name__} ignores logits_to_keep: FSDP2 training through the "
-                         "trainer needs a model whose forward can skip the logits")
-    return captured[-1]
+    return hidden_states_from_root(model, input_ids, attention_mask)[0]
 
 
 def full_model_state(model, sharded: bool) -> dict:

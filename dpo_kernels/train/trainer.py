@@ -29,9 +29,11 @@ from .data_parallel import DataParallel
 from .fingerprint import model_fingerprint, pairs_fingerprint
 from .lr_schedule import make_scheduler
 from .metrics_log import MetricsLog
+from .model_quirks import disable_training_randomness
 from .model_sharding import full_model_state, full_optimizer_state, load_full_states, shard_model, sharded_hidden_states
 from .output_head import check_output_head, last_hidden_states, output_head
 from .reference_logps import precompute_reference_logps, reference_sequence_logps
+from .router_aux_loss import add_router_aux_loss, hidden_states_and_router_aux_loss, router_aux_loss_coef
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +78,12 @@ class DPOTrainer:
             raise ValueError("fsdp2=True needs torch.distributed with 2 or more processes (run under torchrun)")
         self.dp.broadcast_parameters(self.model)
         if config.disable_dropout:
-            _disable_dropout(self.model)
+            disable_training_randomness(self.model)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         probe = collate_pairs(self.train_pairs[:1], pad_token_id=self.pad_token_id, ignore_index=ignore_index)
-        check_output_head(self.model, output_head(self.model), probe["input_ids"][:1].to(self.device),
-                          probe["attention_mask"][:1].to(self.device))
+        check_output_head(self.model, output_head(self.model), probe["input_ids"].to(self.device),
+                          probe["attention_mask"].to(self.device))
 
         self.reference_free = bool(self.loss_options.get("reference_free", False))
         self.ref_model = None
@@ -89,7 +91,7 @@ class DPOTrainer:
             self.ref_model = copy.deepcopy(self.model) if ref_model is None else ref_model.to(self.device)
             self.ref_model.eval().requires_grad_(False)
             if config.disable_dropout:
-                _disable_dropout(self.ref_model)
+                disable_training_randomness(self.ref_model)
         self.ref_fingerprint = None if self.ref_model is None else model_fingerprint(self.ref_model)
         self.data_fingerprint = pairs_fingerprint(self.train_pairs)
         self._ref_tables = {}
@@ -97,6 +99,8 @@ class DPOTrainer:
         if self.sharded:  # after the reference copy: the reference stays whole on every rank
             shard_model(self.model)
         self.head = output_head(self.model)  # after sharding: the parameters FSDP2 registered
+        # MoE: TRL's router load-balancing term (0.0: none for this model, or turned off)
+        self.router_aux_coef = router_aux_loss_coef(self.model) if config.router_aux_loss else 0.0
 
         micro_per_epoch = math.ceil(len(self.train_pairs) / (config.batch_pairs * self.dp.world_size))
         self.micro_per_epoch = micro_per_epoch
@@ -198,18 +202,22 @@ class DPOTrainer:
         """`dk.DPOOutput` of one batch: backbone forward, then the fused linear DPO loss."""
         ref_chosen, ref_rejected = self._reference(split, batch)
         with self.autocast():
-            if self.sharded:  # the root forward, then the head it left unsharded (see model_sharding)
+            aux_loss = None
+            if self.router_aux_coef:  # the full forward, for the model's own aux loss (and FSDP2's hooks)
+                hidden, aux_loss = hidden_states_and_router_aux_loss(self.model, batch["input_ids"],
+                                                                     batch["attention_mask"])
+            elif self.sharded:  # the root forward, then the head it left unsharded (see model_sharding)
                 hidden = sharded_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
-                head = output_head(self.model)
             else:
                 hidden = last_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
-                head = self.head
-            return fused_linear_dpo_loss(
+            head = output_head(self.model) if self.sharded else self.head
+            out = fused_linear_dpo_loss(
                 hidden, head.weight, batch["labels"], head.bias, ref_chosen_logps=ref_chosen,
                 ref_rejected_logps=ref_rejected, ignore_index=self.ignore_index, shift=True,
                 logit_scale=head.logit_scale, softcap=head.softcap, chunk_size=self.config.chunk_size,
                 eager_backward=self.config.eager_backward and self.model.training,
                 backend=self.config.backend, **self.loss_options)
+        return out if aux_loss is None else add_router_aux_loss(out, aux_loss, self.router_aux_coef)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -390,12 +398,6 @@ class DPOTrainer:
             self.model.save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)
         return directory
-
-
-def _disable_dropout(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 class _NullLog:
