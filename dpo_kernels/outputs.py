@@ -75,7 +75,8 @@ class DPOOutput(NamedTuple):
     @property
     def metrics(self) -> Dict[str, float]:
         """`metric_tensors` as floats: `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
-        `rewards/margins`, `logps/chosen`, `logps/rejected`, and `nll_loss` when `sft` is used."""
+        `rewards/margins`, `logps/chosen`, `logps/rejected`, `entropy`, `logits/chosen`,
+        `logits/rejected`, `mean_token_accuracy`, and `nll_loss` when `sft` is used."""
         if not self.metric_tensors:
             return {}
         names = list(self.metric_tensors)

@@ -87,18 +87,9 @@ void record_invalid(std::atomic<int64_t>& first_invalid, int64_t row) {
   }
 }
 
-// Writes the row's TileStats fields (token_logps.h) at stats[kStatsFields * row].
 template <typename Acc>
 void store_stats(Acc* stats, int64_t row, const RowExtras<Acc>& e, Acc target_logit) {
-  Acc* out = stats + kStatsFields * row;
-  out[0] = e.moments.max;
-  out[1] = e.moments.sum;
-  out[2] = target_logit;
-  out[3] = e.moments.centered;
-  out[4] = e.moments.sum_sq;
-  out[5] = e.sum_logits;
-  out[6] = e.max_before;
-  out[7] = e.max_after;
+  store_row_stats<Acc>(stats + kStatsFields * row, e.moments, target_logit, e.sum_logits, e.max_before, e.max_after);
 }
 
 // kExtras: one pass per row folds the softmax moments and the extras' statistics (RowExtras) and

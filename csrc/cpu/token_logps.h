@@ -18,11 +18,9 @@ namespace dpo::cpu {
 // With `stats` (not nullptr) the forward instead folds, in the same single pass over each row, the
 // statistics of the per-token extras (entropy, mean logit, top-1, log sum p^2) and writes only
 // `stats` ([S * T, kStatsFields] contiguous, accumulation type), the fields of the linear path's
-// TileStats (dpo_kernels/backends/tile_epilogue.py) in this order over the whole row:
-//   max, sum_exp, target_logit, centered, sum_sq, sum_logits, max_before_target, max_after_target
-// (token_logps and row_stats are then not touched). A masked row gets the empty set's values
-// (max -inf, sums 0, target_logit 0, both maxima -inf) without being read.
-constexpr int64_t kStatsFields = 8;
+// TileStats over the whole row (common/softmax_moments.h, store_row_stats); token_logps and
+// row_stats are then not touched. A masked row gets the empty set's values (max -inf, sums 0,
+// target_logit 0, both maxima -inf) without being read.
 
 void token_logps_forward(const TokenRows& rows, void* token_logps, void* row_stats, void* stats, int num_threads);
 

@@ -25,20 +25,6 @@ namespace {
 
 constexpr const char* kKernel = "token_logps_forward";
 
-// The extras' statistics of a row (kernel_launchers.h's field order) from its combined partial.
-__device__ __forceinline__ void store_stats(float* stats, const RowPartial& p, float target_logit) {
-  stats[0] = p.m.max;
-  stats[1] = p.m.sum;
-  stats[2] = target_logit;
-  stats[3] = p.m.centered;
-  stats[4] = p.m.sum_sq;
-  stats[5] = p.sum_logits;
-  stats[6] = p.max_before;
-  stats[7] = p.max_after;
-}
-
-constexpr int64_t kStatsFields = 8;
-
 template <typename T, bool kExtras>
 __global__ void __launch_bounds__(kMaxRowThreads)
     token_logps_forward_kernel(TokenRows rows, int warps_per_row, float* __restrict__ token_logps,
@@ -63,7 +49,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     if (lane == 0 && in_range) {
       // masked: the empty set unread; a label outside [0, V): NaN target logit
       const float t = target >= 0 ? target_logit : (target == TokenRows::kMasked ? 0.f : NAN);
-      store_stats(stats + kStatsFields * row, p, t);
+      store_row_stats<float>(stats + kStatsFields * row, p.m, t, p.sum_logits, p.max_before, p.max_after);
     }
   } else {
     if (lane == 0 && in_range) {

@@ -5,12 +5,16 @@ Forward: each rank runs the fused kernel on its slice, with every scored positio
 into the slice (its local id where this rank holds it, else column 0, whose value is discarded), so
 the kernel returns the slice's (max, log sum-exp) and, where this rank holds the target, its
 log-prob within the slice; combine.py turns these into whole-vocabulary log-probs and row
-statistics (3 values per position all-reduced).
+statistics (3 values per position all-reduced). With extras the kernel writes the slice's full
+statistics instead (TileStats: softmax moments, sum of logits, maxima before / after the target;
+at positions whose target another rank holds, the slice lies wholly before or after it), and
+combine.py's combine_tile_stats merges them as the linear path's (8 values per position).
 
 Backward needs no communication: each rank writes the gradient of its own slice,
-`g * (onehot - exp(z - M - log S))`, with the same kernel given the combined row statistics; at
-positions whose target another rank holds, the kernel's onehot at column 0 is then overwritten
-with `-g * p_0` from the logit saved in forward. Every rank must backpropagate the same gradient
+`g * (onehot - exp(z - M - log S))` (less the entropy term `ge * p * (log p + H)` with the combined
+entropy H), with the same kernel given the combined row statistics; at positions whose target
+another rank holds, the kernel's onehot at column 0 is then overwritten with `-g * p_0` (less the
+entropy term) from the logit saved in forward. Every rank must backpropagate the same gradient
 (the replicated outputs feed the same loss on every rank).
 
 Materialised beyond the single-process path: a few `[S, T]` tensors (targets, masks, column 0 of
@@ -19,6 +23,8 @@ the logits in fp32); no `[S, T, V_local]` tensor besides the gradient itself (no
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -37,7 +43,8 @@ def _local_stats(stats: torch.Tensor, local: torch.Tensor, owner: torch.Tensor, 
     wholly before the target (target above the slice) or after it (below)."""
     st = TileStats(*stats.unbind(-1))
     ninf = torch.full_like(st.max, float("-inf"))
-    return st._replace(
+    return dataclasses.replace(
+        st,
         target_logit=torch.where(owner, st.target_logit, torch.zeros_like(st.max)),
         max_before_target=torch.where(owner, st.max_before_target, torch.where(local >= local_size, st.max, ninf)),
         max_after_target=torch.where(owner, st.max_after_target, torch.where(local < 0, st.max, ninf)),

@@ -11,7 +11,7 @@ from ..backends.availability import resolve_backend
 from ..distributed.vocab_parallel_logits import VocabParallelTokenLogps
 from ..distributed.vocab_shard import resolve_vocab_shard
 from ..outputs import EXTRAS, LogpsOutput
-from ..sequence_reduction import aligned_targets, aligned_weights, reduce_to_sequences
+from ..sequence_reduction import aligned_targets, aligned_weights, per_position_outputs, reduce_to_sequences
 from .token_logps_op import token_logps, token_logps_extras
 
 
@@ -110,7 +110,7 @@ def sequence_logps(
         if extras:
             ref_extras = reference.token_extras(logits, int_labels, ignore_index=ignore_index, shift=shift,
                                                 compute_dtype=acc)
-            per_position.update({e: getattr(ref_extras, e) for e in extras})
+            per_position.update({e: ref_extras[e] for e in extras})
         logps, num_tokens = ref.logps, ref.num_tokens
     else:
         targets = aligned_targets(labels, shift, ignore_index)
@@ -127,9 +127,5 @@ def sequence_logps(
         weights = None if token_weights is None else aligned_weights(token_weights, shift, values["token_logps"].dtype)
         logps, num_tokens = reduce_to_sequences(values["token_logps"], targets != ignore_index, weights, average)
 
-    result = {}
-    for key, values in per_position.items():
-        if key == "token_logps" and not return_token_logps:
-            continue
-        result[key] = values[0] if unbatched else values
-    return LogpsOutput(logps=logps, num_tokens=num_tokens, **result)
+    return LogpsOutput(logps=logps, num_tokens=num_tokens,
+                       **per_position_outputs(per_position, return_token_logps, unbatched))

@@ -186,7 +186,7 @@ def test_unbatched_and_compiled_extras(backend, device):
     eager = dk.sequence_logps(x[0], labels[0], backend=backend, extras=EXTRAS)
     assert eager.entropy.shape == (5,) and eager.is_top1.shape == (5,)
     want = dk.reference.token_extras(x[0].double(), labels[0], compute_dtype=torch.float64)
-    torch.testing.assert_close(eager.entropy.double(), want.entropy, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(eager.entropy.double(), want["entropy"], rtol=2e-5, atol=2e-5)
 
     def f(logits, lab):
         out = dk.sequence_logps(logits, lab, backend=backend, extras=EXTRAS)
