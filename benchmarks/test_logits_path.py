@@ -13,7 +13,11 @@ labels (every position scored) and upstream gradient `[S]` of the per-sequence l
 - dk_<backend>: `dk.sequence_logps(backend=...)` for every backend usable on the device (CPU: the C++
   kernel; GPU: Triton and CUDA C++; the Triton interpreter on CPU is a test tool, not benchmarked);
 - dk_<backend>_inplace (forward + backward): `inplace_backward=True`, the gradient written into the
-  logits' storage (each call gets a fresh copy of the logits, made untimed).
+  logits' storage (each call gets a fresh copy of the logits, made untimed);
+- dk_<backend>_extras: with every per-token extra (`extras=` entropy, mean_logits, is_top1,
+  log_sum_sq_probs, computed in the same pass as the log-probs: what `dk.fused_dpo_loss` runs for
+  TRL's metrics and WPO); the gradient flows through the log-probs, as for the others. Its ratio to
+  dk_<backend> is the cost of the extras.
 
 Forward runs under `torch.no_grad()`; forward + backward takes the gradient with
 `torch.autograd.grad`. Each row's outputs (log-probs, gradient) are checked against the float64
@@ -36,11 +40,12 @@ from benchmarks.bench_grid import DEVICE, KERNEL_BACKENDS, benchmark_cases, for_
 from benchmarks.bench_record import measure_row
 
 PATH = "logits"
+EXTRAS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 MODES = ("forward", "forward_backward")
 
 
 def _impls(mode: str) -> list:
-    impls = ["reference", "reference_compiled"] + [f"dk_{b}" for b in KERNEL_BACKENDS]
+    impls = ["reference", "reference_compiled"] + [f"dk_{b}{suffix}" for b in KERNEL_BACKENDS for suffix in ("", "_extras")]
     if mode == "forward_backward":
         impls += [f"dk_{b}_inplace" for b in KERNEL_BACKENDS]
     return impls
@@ -61,10 +66,11 @@ def _logps_function(impl: str):
         return reference_logps, False
     if impl == "reference_compiled":
         return _compiled_reference(), False
-    backend = impl.removeprefix("dk_").removesuffix("_inplace")
+    backend = impl.removeprefix("dk_").removesuffix("_inplace").removesuffix("_extras")
     inplace = impl.endswith("_inplace")
-    return (lambda logits, labels: dk.sequence_logps(logits, labels, backend=backend,
-                                                     inplace_backward=inplace).logps), inplace
+    extras = EXTRAS if impl.endswith("_extras") else ()
+    return (lambda logits, labels: dk.sequence_logps(logits, labels, backend=backend, inplace_backward=inplace,
+                                                     extras=extras).logps), inplace
 
 
 def _inputs(shape, dtype):

@@ -79,27 +79,30 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cpu_token_logps_forward",
       [](uintptr_t logits, int dtype, int64_t S, int64_t T, int64_t V, int64_t stride_s, int64_t stride_t,
-         uintptr_t targets, int64_t ignore_index, uintptr_t token_logps, uintptr_t row_stats,
+         uintptr_t targets, int64_t ignore_index, uintptr_t token_logps, uintptr_t row_stats, uintptr_t stats,
          int num_threads) {
         dpo::cpu::token_logps_forward(make_rows(logits, dtype, S, T, V, stride_s, stride_t, targets, ignore_index),
-                                      reinterpret_cast<void*>(token_logps), reinterpret_cast<void*>(row_stats), num_threads);
+                                      reinterpret_cast<void*>(token_logps), reinterpret_cast<void*>(row_stats),
+                                      as_ptr(stats), num_threads);
       },
       py::arg("logits"), py::arg("dtype"), py::arg("S"), py::arg("T"), py::arg("V"), py::arg("stride_s"),
       py::arg("stride_t"), py::arg("targets"), py::arg("ignore_index"), py::arg("token_logps"),
-      py::arg("row_stats"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+      py::arg("row_stats"), py::arg("stats"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "stats: 0 for the plain forward, else the [S, T, 8] extras statistics it writes instead (token_logps.h)");
 
   m.def(
       "cpu_token_logps_backward",
       [](uintptr_t logits, int dtype, int64_t S, int64_t T, int64_t V, int64_t stride_s, int64_t stride_t,
-         uintptr_t targets, int64_t ignore_index, uintptr_t row_stats, uintptr_t grad, uintptr_t out,
-         int64_t out_stride_s, int64_t out_stride_t, int num_threads) {
+         uintptr_t targets, int64_t ignore_index, uintptr_t row_stats, uintptr_t grad, uintptr_t entropy_grad,
+         uintptr_t entropy, uintptr_t out, int64_t out_stride_s, int64_t out_stride_t, int num_threads) {
         dpo::cpu::token_logps_backward(make_rows(logits, dtype, S, T, V, stride_s, stride_t, targets, ignore_index),
                                        reinterpret_cast<const void*>(row_stats), reinterpret_cast<const void*>(grad),
-                                       reinterpret_cast<void*>(out), out_stride_s, out_stride_t, num_threads);
+                                       as_ptr(entropy_grad), as_ptr(entropy), reinterpret_cast<void*>(out),
+                                       out_stride_s, out_stride_t, num_threads);
       },
       py::arg("logits"), py::arg("dtype"), py::arg("S"), py::arg("T"), py::arg("V"), py::arg("stride_s"),
       py::arg("stride_t"), py::arg("targets"), py::arg("ignore_index"), py::arg("row_stats"),
-      py::arg("grad"), py::arg("out"), py::arg("out_stride_s"), py::arg("out_stride_t"), py::arg("num_threads"),
+      py::arg("grad"), py::arg("entropy_grad"), py::arg("entropy"), py::arg("out"), py::arg("out_stride_s"), py::arg("out_stride_t"), py::arg("num_threads"),
       py::call_guard<py::gil_scoped_release>());
 
   m.def(

@@ -7,6 +7,10 @@ from typing import Dict, NamedTuple, Optional
 import torch
 
 
+# The per-token extras `dk.sequence_logps` and `dk.linear_sequence_logps` can return (LogpsOutput fields).
+EXTRAS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
 class LogpsOutput(NamedTuple):
     """Per-sequence log-probs and what the call computed along the way.
 
@@ -15,8 +19,8 @@ class LogpsOutput(NamedTuple):
     num_tokens: `[S]` int64 count of unmasked tokens.
     token_logps: per-position log-probs shaped like `labels` (0 where masked), or None unless
         `return_token_logps=True`.
-    entropy, mean_logits, is_top1, log_sum_sq_probs: per-token extras of the linear path, shaped
-        like `labels`, or None when not requested.
+    entropy, mean_logits, is_top1, log_sum_sq_probs: per-token extras (`extras=`), shaped like
+        `labels`, 0 (False) where masked, or None when not requested.
     """
 
     logps: torch.Tensor
@@ -71,7 +75,8 @@ class DPOOutput(NamedTuple):
     @property
     def metrics(self) -> Dict[str, float]:
         """`metric_tensors` as floats: `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
-        `rewards/margins`, `logps/chosen`, `logps/rejected`, and `nll_loss` when `sft` is used."""
+        `rewards/margins`, `logps/chosen`, `logps/rejected`, `entropy`, `logits/chosen`,
+        `logits/rejected`, `mean_token_accuracy`, and `nll_loss` when `sft` is used."""
         if not self.metric_tensors:
             return {}
         names = list(self.metric_tensors)

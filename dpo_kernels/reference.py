@@ -11,7 +11,7 @@ remove.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
@@ -83,6 +83,31 @@ def sequence_logps(
     return ReferenceLogps(logps=logps, num_tokens=num_tokens, token_logps=per_token[0] if unbatched else per_token)
 
 
+def token_extras(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Dict[str, torch.Tensor]:
+    """The per-token extras of `[..., V]` logits (labels and `shift` as in `token_logps`), from the
+    full log-softmax in `compute_dtype`, by name as in ReferenceLinearLogps (0 / False where
+    masked). Differentiable (entropy, mean_logits, log_sum_sq_probs)."""
+    targets = shift_labels(labels, ignore_index) if shift else labels
+    valid = targets != ignore_index
+    z = logits.to(compute_dtype)
+    logprobs = torch.log_softmax(z, dim=-1)
+    probs = logprobs.exp()
+    zero = torch.zeros((), dtype=compute_dtype, device=z.device)
+    return dict(
+        entropy=torch.where(valid, -(probs * logprobs).sum(-1), zero),
+        mean_logits=torch.where(valid, z.mean(-1), zero),
+        is_top1=valid & (z.argmax(dim=-1) == targets),
+        log_sum_sq_probs=torch.where(valid, torch.logsumexp(2 * logprobs, dim=-1), zero),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Linear path: from hidden states and the lm_head weight, through the full logits
 
@@ -146,20 +171,8 @@ def linear_sequence_logps(
                       compute_dtype=compute_dtype)
     ref = sequence_logps(z, labels, ignore_index=ignore_index, shift=shift, average=average,
                          token_weights=token_weights, compute_dtype=compute_dtype)
-    targets = shift_labels(labels, ignore_index) if shift else labels
-    valid = targets != ignore_index
-    logprobs = torch.log_softmax(z, dim=-1)
-    probs = logprobs.exp()
-    zero = torch.zeros((), dtype=compute_dtype, device=z.device)
-    entropy = torch.where(valid, -(probs * logprobs).sum(-1), zero)
-    mean_logits = torch.where(valid, z.mean(-1), zero)
-    is_top1 = valid & (z.argmax(dim=-1) == targets)
-    log_sum_sq_probs = torch.where(valid, torch.logsumexp(2 * logprobs, dim=-1), zero)
-    per_token = [ref.token_logps, entropy, mean_logits, is_top1, log_sum_sq_probs]
+    extras = token_extras(z, labels, ignore_index=ignore_index, shift=shift, compute_dtype=compute_dtype)
+    per_token = {"token_logps": ref.token_logps, **extras}
     if unbatched:
-        per_token = [t[0] for t in per_token]
-    token_logps_, entropy, mean_logits, is_top1, log_sum_sq_probs = per_token
-    return ReferenceLinearLogps(
-        logps=ref.logps, num_tokens=ref.num_tokens, token_logps=token_logps_, entropy=entropy,
-        mean_logits=mean_logits, is_top1=is_top1, log_sum_sq_probs=log_sum_sq_probs,
-    )
+        per_token = {name: t[0] for name, t in per_token.items()}
+    return ReferenceLinearLogps(logps=ref.logps, num_tokens=ref.num_tokens, **per_token)

@@ -6,7 +6,7 @@ already aligned with their logits rows and never copy or offset the logits thems
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -48,3 +48,11 @@ def reduce_to_sequences(
     if average:
         logps = logps / num_tokens.clamp(min=1).to(logps.dtype)
     return logps, num_tokens
+
+
+def per_position_outputs(per_position: Dict[str, torch.Tensor], return_token_logps: bool,
+                         unbatched: bool) -> Dict[str, torch.Tensor]:
+    """The LogpsOutput fields of the per-position results (`token_logps` only when asked for), with
+    the batch dimension dropped again for a 2-D (unbatched) call."""
+    return {key: values[0] if unbatched else values for key, values in per_position.items()
+            if key != "token_logps" or return_token_logps}

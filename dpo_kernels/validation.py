@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from .backends.availability import BACKEND_CHOICES
+from .outputs import EXTRAS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # float64 exists for tight gradient checks; only the CPU kernel and the reference take it.
@@ -97,6 +98,16 @@ def check_int(name: str, value) -> None:
 def check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_extras(extras) -> tuple:
+    """`extras` is a sequence (or set) of names from EXTRAS; returns them in EXTRAS order."""
+    if isinstance(extras, str) or not isinstance(extras, (Sequence, set, frozenset)):
+        raise TypeError(f"extras must be a sequence of names from {EXTRAS}, got {extras!r}")
+    unknown = [e for e in extras if e not in EXTRAS]
+    if unknown:
+        raise ValueError(f"extras must be names from {EXTRAS}, got unknown {unknown}")
+    return tuple(e for e in EXTRAS if e in extras)
 
 
 def check_backend_name(backend) -> None:

@@ -65,4 +65,22 @@ struct SoftmaxMoments {
   DPO_HOST_DEVICE Acc log_sum_sq_probs() const { return log_acc(sum_sq) - Acc(2) * log_acc(sum); }
 };
 
+// The logits path's per-row record of statistics with extras: the linear path's TileStats fields over
+// the whole row, in the order of STATS_FIELDS (dpo_kernels/backends/tile_epilogue.py): max, sum_exp,
+// target_logit, centered, sum_sq, sum_logits, max_before_target, max_after_target.
+constexpr int kStatsFields = 8;
+
+template <typename Acc>
+DPO_HOST_DEVICE void store_row_stats(Acc* out, const SoftmaxMoments<Acc>& m, Acc target_logit, Acc sum_logits,
+                                     Acc max_before_target, Acc max_after_target) {
+  out[0] = m.max;
+  out[1] = m.sum;
+  out[2] = target_logit;
+  out[3] = m.centered;
+  out[4] = m.sum_sq;
+  out[5] = sum_logits;
+  out[6] = max_before_target;
+  out[7] = max_after_target;
+}
+
 }  // namespace dpo

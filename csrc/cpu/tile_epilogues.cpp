@@ -13,6 +13,7 @@
 
 #include "../common/online_lse.h"
 #include "../common/softmax_moments.h"
+#include "row_extras.h"
 #include "vec_math.h"
 
 namespace dpo::cpu {
@@ -156,43 +157,30 @@ void fold_impl(const TileView& tile, const TileStatsPtrs& st, const LogitTransfo
       const char* row = base + static_cast<size_t>(r * tile.ld) * esize;
       const int64_t tcol = target_column(tile, r);
       OnlineLse<Acc> lse{max[r], sum_exp[r]};
-      SoftmaxMoments<Acc> moments{max[r], sum_exp[r], centered ? centered[r] : Acc(0), sum_sq ? sum_sq[r] : Acc(0)};
-      Acc row_sum_logits = Acc(0), before = -INFINITY, after = -INFINITY;
+      RowExtras<Acc> row_extras = RowExtras<Acc>::from(
+          {max[r], sum_exp[r], centered ? centered[r] : Acc(0), sum_sq ? sum_sq[r] : Acc(0)});
       for (int64_t p0 = 0; p0 < tile.chunk; p0 += kPiece) {
         const int64_t n = std::min(kPiece, tile.chunk - p0);
         const Acc* z = piece_logits<Acc>(row, tile.dtype, p0, n, transform, buf);
         const Acc piece_max = chunk_max(z, n);
-        // An all -inf piece (max -inf) adds nothing; its sums taken relative to 0 are 0 (or NaN,
-        // which then propagates through the merge).
-        const Acc shift = piece_max == -INFINITY ? Acc(0) : piece_max;
         const int64_t k = tcol - p0;  // the target's column in this piece
         if (k >= 0 && k < n) target_logit[r] = z[k];
         if constexpr (kExtras) {
-          const ChunkMoments<Acc> cm = chunk_moments(z, n, shift);
-          moments.merge(SoftmaxMoments<Acc>{piece_max, cm.sum, cm.centered, cm.sum_sq});
-          row_sum_logits += cm.sum_logits;
-          if (top1) {
-            if (k >= n) {
-              before = max_of(before, piece_max);
-            } else if (k < 0) {
-              after = max_of(after, piece_max);
-            } else {
-              before = max_of(before, chunk_max(z, k));
-              after = max_of(after, chunk_max(z + k + 1, n - k - 1));
-            }
-          }
+          row_extras.fold(z, n, piece_max, k, top1);
         } else {
-          lse.merge(piece_max, chunk_sum_exp(z, n, shift));
+          // An all -inf piece adds nothing (a NaN sum propagates through the merge).
+          lse.merge(piece_max, chunk_sum_exp(z, n, piece_max == -INFINITY ? Acc(0) : piece_max));
         }
       }
       if constexpr (kExtras) {
+        const SoftmaxMoments<Acc>& moments = row_extras.moments;
         max[r] = moments.max;
         sum_exp[r] = moments.sum;
         if (centered) centered[r] = moments.centered;
         if (sum_sq) sum_sq[r] = moments.sum_sq;
-        if (sum_logits) sum_logits[r] += row_sum_logits;
-        if (max_before) max_before[r] = max_of(max_before[r], before);
-        if (max_after) max_after[r] = max_of(max_after[r], after);
+        if (sum_logits) sum_logits[r] += row_extras.sum_logits;
+        if (max_before) max_before[r] = max_of(max_before[r], row_extras.max_before);
+        if (max_after) max_after[r] = max_of(max_after[r], row_extras.max_after);
       } else {
         max[r] = lse.max;
         sum_exp[r] = lse.sum;

@@ -11,6 +11,7 @@
 #include <omp.h>
 #endif
 
+#include "row_extras.h"
 #include "vec_math.h"
 
 namespace dpo::cpu {
@@ -87,7 +88,14 @@ void record_invalid(std::atomic<int64_t>& first_invalid, int64_t row) {
 }
 
 template <typename Acc>
-void forward_impl(const TokenRows& rows, Acc* token_logps, Acc* row_stats, int num_threads) {
+void store_stats(Acc* stats, int64_t row, const RowExtras<Acc>& e, Acc target_logit) {
+  store_row_stats<Acc>(stats + kStatsFields * row, e.moments, target_logit, e.sum_logits, e.max_before, e.max_after);
+}
+
+// kExtras: one pass per row folds the softmax moments and the extras' statistics (RowExtras) and
+// writes `stats`; otherwise the online log-sum-exp alone, writing token_logps and row_stats.
+template <typename Acc, bool kExtras>
+void forward_impl(const TokenRows& rows, Acc* token_logps, Acc* row_stats, Acc* stats, int num_threads) {
   const char* base = static_cast<const char*>(rows.logits);
   const size_t esize = element_size(rows.dtype);
   const int64_t num_rows = rows.num_rows();
@@ -101,39 +109,66 @@ void forward_impl(const TokenRows& rows, Acc* token_logps, Acc* row_stats, int n
       const int64_t target = rows.target(row);
       if (target < 0) {
         if (target == TokenRows::kInvalid) record_invalid(first_invalid, row);
-        token_logps[row] = Acc(0);
-        row_stats[2 * row] = Acc(0);
-        row_stats[2 * row + 1] = Acc(0);
+        if constexpr (kExtras) {
+          store_stats<Acc>(stats, row, RowExtras<Acc>::from(SoftmaxMoments<Acc>::empty()), Acc(0));
+        } else {
+          token_logps[row] = Acc(0);
+          row_stats[2 * row] = Acc(0);
+          row_stats[2 * row + 1] = Acc(0);
+        }
         continue;
       }
       const char* row_ptr = base + rows.element_offset(row) * esize;
       OnlineLse<Acc> state = OnlineLse<Acc>::empty();
+      RowExtras<Acc> extras = RowExtras<Acc>::from(SoftmaxMoments<Acc>::empty());
       for (int64_t v0 = 0; v0 < rows.V; v0 += kChunk) {
         const int64_t n = std::min(kChunk, rows.V - v0);
         const Acc* x = chunk_as_acc<Acc>(row_ptr, rows.dtype, v0, n, buf.data());
         const Acc m = chunk_max(x, n);
-        if (m == -INFINITY) continue;  // an all -inf chunk adds nothing
-        state.merge(m, chunk_sum_exp(x, n, m));
+        if constexpr (kExtras) {
+          extras.fold(x, n, m, target - v0, true);
+        } else {
+          if (m == -INFINITY) continue;  // an all -inf chunk adds nothing
+          state.merge(m, chunk_sum_exp(x, n, m));
+        }
       }
-      // An all -inf row has max -inf and log_sum -inf: its log-prob is NaN, as log_softmax gives.
-      const Acc log_sum = log_acc(state.sum);
-      row_stats[2 * row] = state.max;
-      row_stats[2 * row + 1] = log_sum;
-      token_logps[row] = (element_as_acc<Acc>(row_ptr, rows.dtype, target) - state.max) - log_sum;
+      const Acc target_logit = element_as_acc<Acc>(row_ptr, rows.dtype, target);
+      if constexpr (kExtras) {
+        store_stats<Acc>(stats, row, extras, target_logit);
+      } else {
+        // An all -inf row has max -inf and log_sum -inf: its log-prob is NaN, as log_softmax gives.
+        const Acc log_sum = log_acc(state.sum);
+        row_stats[2 * row] = state.max;
+        row_stats[2 * row + 1] = log_sum;
+        token_logps[row] = (target_logit - state.max) - log_sum;
+      }
     }
   }
   if (first_invalid.load() >= 0) throw_invalid_label(rows, first_invalid.load());
 }
 
-template <typename Acc>
-void backward_impl(const TokenRows& rows, const Acc* row_stats, const Acc* grad, void* out,
-                   int64_t out_stride_s, int64_t out_stride_t, int num_threads) {
+// The identity transform of the linear path's chunk_logits_grad (vec_math.h).
+inline TransformF identity_f() { return TransformF{TransformKind::Identity, 1.f, 1.f, 1.f, 1.f}; }
+inline TransformD identity_d() { return TransformD{TransformKind::Identity, 1.0, 0.0, 1.0}; }
+
+// kEntropy: the entropy term too (chunk_logits_grad, as the linear path's tile gradient), else the
+// token log-prob's gradient alone (chunk_scaled_softmax, then the one-hot entry).
+template <typename Acc, bool kEntropy>
+void backward_impl(const TokenRows& rows, const Acc* row_stats, const Acc* grad, const Acc* entropy_grad,
+                   const Acc* entropy, void* out, int64_t out_stride_s, int64_t out_stride_t, int num_threads) {
   const char* base = static_cast<const char*>(rows.logits);
   char* out_base = static_cast<char*>(out);
   const size_t esize = element_size(rows.dtype);
   const int64_t num_rows = rows.num_rows();
   const bool acc_typed = rows.dtype == DType::Float32 || rows.dtype == DType::Float64;
   std::atomic<int64_t> first_invalid(-1);
+  [[maybe_unused]] const auto identity = [] {
+    if constexpr (sizeof(Acc) == 8) {
+      return identity_d();
+    } else {
+      return identity_f();
+    }
+  }();
 
 #pragma omp parallel num_threads(resolve_threads(num_threads))
   {
@@ -144,13 +179,27 @@ void backward_impl(const TokenRows& rows, const Acc* row_stats, const Acc* grad,
       char* out_row = out_base + (s * out_stride_s + t * out_stride_t) * esize;
       const int64_t target = rows.target(row);
       const Acc g = grad[row];
-      if (target < 0 || g == Acc(0)) {
+      const Acc ge = kEntropy ? entropy_grad[row] : Acc(0);
+      if (target < 0 || (g == Acc(0) && ge == Acc(0))) {
         if (target == TokenRows::kInvalid) record_invalid(first_invalid, row);
         std::memset(out_row, 0, rows.V * esize);
         continue;
       }
       const char* row_ptr = base + rows.element_offset(row) * esize;
       const Acc row_max = row_stats[2 * row], log_sum = row_stats[2 * row + 1];
+      if constexpr (kEntropy) {
+        const Acc h = entropy[row];
+        for (int64_t v0 = 0; v0 < rows.V; v0 += kChunk) {
+          const int64_t n = std::min(kChunk, rows.V - v0);
+          const Acc* x = chunk_as_acc<Acc>(row_ptr, rows.dtype, v0, n, in_buf.data());
+          Acc* dst = acc_typed ? reinterpret_cast<Acc*>(out_row) + v0 : out_buf.data();
+          chunk_logits_grad(x, n, identity, row_max, log_sum, g, ge, h, target - v0, dst);
+          if constexpr (sizeof(Acc) == 4) {
+            if (!acc_typed) chunk_from_float(out_buf.data(), rows.dtype, n, reinterpret_cast<uint16_t*>(out_row) + v0);
+          }
+        }
+        continue;
+      }
       // Read the target logit before the row is overwritten (out may alias the logits).
       const Acc target_logit = element_as_acc<Acc>(row_ptr, rows.dtype, target);
       for (int64_t v0 = 0; v0 < rows.V; v0 += kChunk) {
@@ -169,24 +218,49 @@ void backward_impl(const TokenRows& rows, const Acc* row_stats, const Acc* grad,
   if (first_invalid.load() >= 0) throw_invalid_label(rows, first_invalid.load());
 }
 
-}  // namespace
-
-void token_logps_forward(const TokenRows& rows, void* token_logps, void* row_stats, int num_threads) {
-  if (rows.dtype == DType::Float64) {
-    forward_impl<double>(rows, static_cast<double*>(token_logps), static_cast<double*>(row_stats), num_threads);
+template <typename Acc>
+void forward_typed(const TokenRows& rows, void* token_logps, void* row_stats, void* stats, int num_threads) {
+  if (stats != nullptr) {
+    forward_impl<Acc, true>(rows, nullptr, nullptr, static_cast<Acc*>(stats), num_threads);
   } else {
-    forward_impl<float>(rows, static_cast<float*>(token_logps), static_cast<float*>(row_stats), num_threads);
+    forward_impl<Acc, false>(rows, static_cast<Acc*>(token_logps), static_cast<Acc*>(row_stats), nullptr,
+                             num_threads);
   }
 }
 
-void token_logps_backward(const TokenRows& rows, const void* row_stats, const void* grad, void* out,
-                          int64_t out_stride_s, int64_t out_stride_t, int num_threads) {
-  if (rows.dtype == DType::Float64) {
-    backward_impl<double>(rows, static_cast<const double*>(row_stats), static_cast<const double*>(grad), out,
-                          out_stride_s, out_stride_t, num_threads);
+template <typename Acc>
+void backward_typed(const TokenRows& rows, const void* row_stats, const void* grad, const void* entropy_grad,
+                    const void* entropy, void* out, int64_t out_stride_s, int64_t out_stride_t, int num_threads) {
+  const auto* rs = static_cast<const Acc*>(row_stats);
+  const auto* g = static_cast<const Acc*>(grad);
+  if (entropy_grad != nullptr) {
+    backward_impl<Acc, true>(rows, rs, g, static_cast<const Acc*>(entropy_grad), static_cast<const Acc*>(entropy),
+                             out, out_stride_s, out_stride_t, num_threads);
   } else {
-    backward_impl<float>(rows, static_cast<const float*>(row_stats), static_cast<const float*>(grad), out,
-                         out_stride_s, out_stride_t, num_threads);
+    backward_impl<Acc, false>(rows, rs, g, nullptr, nullptr, out, out_stride_s, out_stride_t, num_threads);
+  }
+}
+
+}  // namespace
+
+void token_logps_forward(const TokenRows& rows, void* token_logps, void* row_stats, void* stats, int num_threads) {
+  if (rows.dtype == DType::Float64) {
+    forward_typed<double>(rows, token_logps, row_stats, stats, num_threads);
+  } else {
+    forward_typed<float>(rows, token_logps, row_stats, stats, num_threads);
+  }
+}
+
+void token_logps_backward(const TokenRows& rows, const void* row_stats, const void* grad, const void* entropy_grad,
+                          const void* entropy, void* out, int64_t out_stride_s, int64_t out_stride_t,
+                          int num_threads) {
+  if ((entropy_grad == nullptr) != (entropy == nullptr)) {
+    throw std::invalid_argument("token_logps_backward: entropy_grad and entropy must be given together (or neither)");
+  }
+  if (rows.dtype == DType::Float64) {
+    backward_typed<double>(rows, row_stats, grad, entropy_grad, entropy, out, out_stride_s, out_stride_t, num_threads);
+  } else {
+    backward_typed<float>(rows, row_stats, grad, entropy_grad, entropy, out, out_stride_s, out_stride_t, num_threads);
   }
 }
 

@@ -234,8 +234,11 @@ DPO_CPU_CLONES ChunkMoments<float> chunk_moments(const float* z, int64_t n, floa
   for (int64_t i = 0; i < n; ++i) {
     const float d = z[i] - shift;
     const float e = exp_poly(d);
+    // exp_poly flushes below d = -87 to 0: there e * max(d, -87) is exactly 0 (a -inf logit adds 0,
+    // not 0 * -inf = NaN), elsewhere it is e * d. The clamp is exp_poly's own (shared once inlined).
+    const float d_clamped = select_bits(d < -87.0f, -87.0f, d);
     sum += e;
-    centered += select_bits(e != 0.0f, e * d, 0.0f);  // a -inf logit (d = -inf) adds 0, not NaN
+    centered += e * d_clamped;
     sum_sq += e * e;
     sum_logits += z[i];
   }

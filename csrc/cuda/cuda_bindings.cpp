@@ -45,35 +45,39 @@ void register_entry_points(py::module_& m) {
   m.def(
       "cuda_token_logps_forward",
       [](uintptr_t logits, int dtype, int64_t S, int64_t T, int64_t V, int64_t stride_s, int64_t stride_t,
-         uintptr_t targets, int64_t ignore_index, uintptr_t token_logps, uintptr_t row_stats, uintptr_t stream) {
+         uintptr_t targets, int64_t ignore_index, uintptr_t token_logps, uintptr_t row_stats, uintptr_t stats,
+         uintptr_t stream) {
         token_logps_forward(rows_from(logits, dtype, S, T, V, stride_s, stride_t, targets, ignore_index),
-                            as_ptr<float>(token_logps), as_ptr<float>(row_stats), as_stream(stream));
+                            as_ptr<float>(token_logps), as_ptr<float>(row_stats), as_ptr<float>(stats),
+                            as_stream(stream));
       },
       py::arg("logits"), py::arg("dtype"), py::arg("S"), py::arg("T"), py::arg("V"), py::arg("stride_s"),
       py::arg("stride_t"), py::arg("targets"), py::arg("ignore_index"), py::arg("token_logps"),
-      py::arg("row_stats"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("row_stats"), py::arg("stats"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "row_stats[s, t] = (m, log_sum) with m = max(logits[s, t, :]) and log_sum = log(sum(exp(logits[s, t, :] - m))) "
       "(fp32 [S, T, 2], interleaved), token_logps[s, t] = (logits[s, t, target] - m) - log_sum (fp32 [S, T]); 0, 0 "
       "and 0 for masked rows, -inf, -inf and NaN for a row of -inf logits. Enqueued on `stream`. logits: "
       "fp32/bf16/fp16 device pointer, row (s, t) at s * stride_s + t * stride_t elements; targets: int64 "
-      "contiguous [S, T].");
+      "contiguous [S, T]. With stats (not 0): only the extras statistics, fp32 [S, T, 8] (kernel_launchers.h).");
 
   m.def(
       "cuda_token_logps_backward",
       [](uintptr_t logits, int dtype, int64_t S, int64_t T, int64_t V, int64_t stride_s, int64_t stride_t,
-         uintptr_t targets, int64_t ignore_index, uintptr_t row_stats, uintptr_t grad, uintptr_t out,
-         int64_t out_stride_s, int64_t out_stride_t, uintptr_t stream) {
+         uintptr_t targets, int64_t ignore_index, uintptr_t row_stats, uintptr_t grad, uintptr_t entropy_grad,
+         uintptr_t entropy, uintptr_t out, int64_t out_stride_s, int64_t out_stride_t, uintptr_t stream) {
         token_logps_backward(rows_from(logits, dtype, S, T, V, stride_s, stride_t, targets, ignore_index),
-                             as_ptr<const float>(row_stats), as_ptr<const float>(grad), as_ptr<void>(out),
+                             as_ptr<const float>(row_stats), as_ptr<const float>(grad),
+                             as_ptr<const float>(entropy_grad), as_ptr<const float>(entropy), as_ptr<void>(out),
                              out_stride_s, out_stride_t, as_stream(stream));
       },
       py::arg("logits"), py::arg("dtype"), py::arg("S"), py::arg("T"), py::arg("V"), py::arg("stride_s"),
       py::arg("stride_t"), py::arg("targets"), py::arg("ignore_index"), py::arg("row_stats"),
-      py::arg("grad"), py::arg("out"), py::arg("out_stride_s"), py::arg("out_stride_t"), py::arg("stream"),
+      py::arg("grad"), py::arg("entropy_grad"), py::arg("entropy"), py::arg("out"), py::arg("out_stride_s"), py::arg("out_stride_t"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>(),
       "out[s, t, v] = grad[s, t] * (onehot(v == target) - exp((logits[s, t, v] - m) - log_sum)) in the logits' dtype, "
       "(m, log_sum) = row_stats[s, t] as the forward wrote them (fp32 [S, T, 2]); zero rows for masked tokens and "
-      "grad == 0. Enqueued on `stream`; out may be the logits themselves.");
+      "grad == 0. With entropy_grad and entropy (fp32 [S, T], or both 0) the entropy's gradient joins "
+      "(kernel_launchers.h). Enqueued on `stream`; out may be the logits themselves.");
 
   m.def(
       "cuda_tile_fold_stats",

@@ -27,7 +27,13 @@ namespace dpo::cuda {
 // token_logps = NaN (Python rejects such labels before launching). token_logps: contiguous fp32
 // [S * T]; row_stats: contiguous fp32 [S * T, 2] (interleaved pairs). Reads each unmasked row
 // once; writes 12 bytes a row.
-void token_logps_forward(const TokenRows& rows, float* token_logps, float* row_stats, void* stream);
+// With `stats` (not nullptr) the same single pass also folds the extras' statistics and writes only
+// `stats`, contiguous fp32 [S * T, 8]: the linear path's TileStats fields over the whole row, in
+// the order max, sum_exp, target_logit, centered, sum_sq, sum_logits, max_before_target,
+// max_after_target (dpo_kernels/backends/tile_epilogue.py); token_logps and row_stats are then not
+// touched. Masked rows get the empty set's values (-inf, 0, 0, 0, 0, 0, -inf, -inf) unread; a
+// target outside [0, V) gets target_logit NaN.
+void token_logps_forward(const TokenRows& rows, float* token_logps, float* row_stats, float* stats, void* stream);
 
 // out[s, t, v] = grad[row] * (onehot(v == target) - exp((logits[s, t, v] - m) - log_sum)) in the
 // logits' dtype, (m, log_sum) = (row_stats[2 row], row_stats[2 row + 1]) as the forward wrote them,
@@ -35,8 +41,11 @@ void token_logps_forward(const TokenRows& rows, float* token_logps, float* row_s
 // not read). `out` has its own row strides (unit stride over V) and may be the logits themselves:
 // each element is read, then written, by the same thread. row_stats: contiguous fp32 [S * T, 2];
 // grad: contiguous fp32 [S * T].
-void token_logps_backward(const TokenRows& rows, const float* row_stats, const float* grad, void* out,
-                          int64_t out_stride_s, int64_t out_stride_t, void* stream);
+// With entropy_grad and entropy (contiguous fp32 [S * T], both given or both nullptr) the entropy's
+// gradient joins, as in the tile gradient (TileGrad): out -= ge * p * (log p + H), ge =
+// entropy_grad[row], H = entropy[row]; a row is then zeros unread when grad and entropy_grad are 0.
+void token_logps_backward(const TokenRows& rows, const float* row_stats, const float* grad, const float* entropy_grad,
+                          const float* entropy, void* out, int64_t out_stride_s, int64_t out_stride_t, void* stream);
 
 // ---- Tile epilogues of the linear path ------------------------------------------------------
 // (contract: dpo_kernels/backends/tile_epilogue.py.) A tile is `rows` x `chunk` GEMM outputs y

@@ -25,10 +25,10 @@ namespace {
 
 constexpr const char* kKernel = "token_logps_forward";
 
-template <typename T>
+template <typename T, bool kExtras>
 __global__ void __launch_bounds__(kMaxRowThreads)
     token_logps_forward_kernel(TokenRows rows, int warps_per_row, float* __restrict__ token_logps,
-                               float* __restrict__ row_stats) {
+                               float* __restrict__ row_stats, float* __restrict__ stats) {
   __shared__ RowPartial partials[kMaxRowWarps];
   const int row_threads = warps_per_row * kWarpSize;
   const int lane = threadIdx.x % row_threads;
@@ -38,29 +38,37 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   const T* row_ptr = static_cast<const T*>(rows.logits) + (in_range ? rows.element_offset(row) : 0);
   const int64_t n = target == TokenRows::kMasked ? 0 : rows.V;  // masked rows read nothing
 
-  RowPartial p = stream_row<T, CachePolicy::kStreaming, false>(row_ptr, n, lane, row_threads, 0);
+  RowPartial p = stream_row<T, CachePolicy::kStreaming, kExtras>(row_ptr, n, lane, row_threads, target);
   // The target logit is read after the stream (its latency overlaps the combine) so that it holds
   // no register during the loop.
   float target_logit = 0.f;
   if (lane == 0 && target >= 0) target_logit = load_element<T, CachePolicy::kDefault>(row_ptr + target);
-  p = combine_row<false>(p, warps_per_row, partials);
+  p = combine_row<kExtras>(p, warps_per_row, partials);
 
-  if (lane == 0 && in_range) {
-    float row_max = 0.f, row_log_sum = 0.f, row_logp = 0.f;
-    if (target != TokenRows::kMasked) {
-      // An all -inf row is the empty set (sum == 0): m = log_sum = -inf, and the log-prob below
-      // comes out NaN, as log_softmax gives. Finished in double (a few operations per row):
-      // log_sum and the log-prob each get one fp32 rounding.
-      const bool empty = p.m.sum == 0.f;
-      row_max = empty ? -INFINITY : p.m.max;
-      const double log_sum64 = empty ? -INFINITY : log(static_cast<double>(p.m.sum));
-      row_log_sum = static_cast<float>(log_sum64);
-      row_logp = target >= 0 ? static_cast<float>((static_cast<double>(target_logit) - row_max) - log_sum64)
-                             : NAN;  // NaN: label outside [0, V)
+  if constexpr (kExtras) {
+    if (lane == 0 && in_range) {
+      // masked: the empty set unread; a label outside [0, V): NaN target logit
+      const float t = target >= 0 ? target_logit : (target == TokenRows::kMasked ? 0.f : NAN);
+      store_row_stats<float>(stats + kStatsFields * row, p.m, t, p.sum_logits, p.max_before, p.max_after);
     }
-    token_logps[row] = row_logp;
-    row_stats[2 * row] = row_max;
-    row_stats[2 * row + 1] = row_log_sum;
+  } else {
+    if (lane == 0 && in_range) {
+      float row_max = 0.f, row_log_sum = 0.f, row_logp = 0.f;
+      if (target != TokenRows::kMasked) {
+        // An all -inf row is the empty set (sum == 0): m = log_sum = -inf, and the log-prob below
+        // comes out NaN, as log_softmax gives. Finished in double (a few operations per row):
+        // log_sum and the log-prob each get one fp32 rounding.
+        const bool empty = p.m.sum == 0.f;
+        row_max = empty ? -INFINITY : p.m.max;
+        const double log_sum64 = empty ? -INFINITY : log(static_cast<double>(p.m.sum));
+        row_log_sum = static_cast<float>(log_sum64);
+        row_logp = target >= 0 ? static_cast<float>((static_cast<double>(target_logit) - row_max) - log_sum64)
+                               : NAN;  // NaN: label outside [0, V)
+      }
+      token_logps[row] = row_logp;
+      row_stats[2 * row] = row_max;
+      row_stats[2 * row + 1] = row_log_sum;
+    }
   }
 }
 
@@ -71,7 +79,7 @@ std::string shapes_of(const TokenRows& rows) {
 
 }  // namespace
 
-void token_logps_forward(const TokenRows& rows, float* token_logps, float* row_stats, void* stream) {
+void token_logps_forward(const TokenRows& rows, float* token_logps, float* row_stats, float* stats, void* stream) {
   dispatch_dtype(rows.dtype, kKernel, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const int64_t num_rows = rows.num_rows();
@@ -80,9 +88,15 @@ void token_logps_forward(const TokenRows& rows, float* token_logps, float* row_s
     const RowLaunch launch = choose_row_launch(num_rows, rows.V, current_sm_count(kKernel));
     const auto shapes = [&] { return shapes_of(rows); };
     check_grid(launch.blocks, 0x7fffffff, kKernel, "row blocks", shapes);
-    token_logps_forward_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, 0,
-                                    static_cast<cudaStream_t>(stream)>>>(rows, launch.warps_per_row, token_logps,
-                                                                         row_stats);
+    const dim3 grid(static_cast<unsigned>(launch.blocks));
+    const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+    if (stats != nullptr) {
+      token_logps_forward_kernel<T, true><<<grid, launch.threads, 0, cuda_stream>>>(rows, launch.warps_per_row,
+                                                                                   nullptr, nullptr, stats);
+    } else {
+      token_logps_forward_kernel<T, false><<<grid, launch.threads, 0, cuda_stream>>>(rows, launch.warps_per_row,
+                                                                                    token_logps, row_stats, nullptr);
+    }
     check_launch(kKernel, rows.dtype, shapes);
   });
 }

@@ -1,59 +1,49 @@
-"""Launchers of the CUDA C++ kernels of the logits path (dpo_kernels._C, csrc/cuda/token_logps_*.cu).
+"""Launchers of the CUDA C++ kernels of the logits path (dpo_kernels._C, csrc/cuda/token_logps_*.cu);
+the contract is in token_logps_launch.py.
 
-Forward reads each unmasked logits row once (16-byte loads, online log-sum-exp in fp32) and
-allocates only the fp32 per-token outputs: `token_logps` `[S, T]` and `row_stats` `[S, T, 2]`, each
-row's pair `(m, log_sum)` = (its max, `log(sum(exp(x - m)))`), kept apart rather than as one fp32
-log-sum-exp, which would lose ~6e-4 at logits of 1e4. Backward computes `exp((x - m) - log_sum)`
-from the pair and writes the gradient into the buffer it is given (fresh, or the logits
-themselves), reading and writing each element once. Kernels are enqueued on the current CUDA
-stream of the logits' device; nothing synchronises.
+Forward reads each unmasked logits row once (16-byte loads, online log-sum-exp in fp32; with
+extras the softmax moments and the top-1 maxima in the same pass) and allocates only fp32
+per-token outputs. The row's log-sum-exp travels as the pair `(m, log_sum)` (its max,
+`log(sum(exp(x - m)))`), never as one fp32 number, which would lose ~6e-4 at logits of 1e4.
+Backward computes `exp((x - m) - log_sum)` from the pair and writes the gradient into the buffer
+it is given (fresh, or the logits themselves), reading and writing each element once. Kernels are
+enqueued on the current CUDA stream of the logits' device; nothing synchronises.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import extension
+from .token_logps_launch import ForwardBuffers, pointer, row_arguments, run_backward, run_forward
 
 
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """(token_logps fp32 `[S, T]`, row_stats fp32 contiguous `[S, T, 2]`) on the logits' device, for
-    `[S, T, V]` fp32/bf16/fp16 logits (unit stride over V) and int64 contiguous `[S, T]` targets
-    already aligned with the logits rows. `row_stats[s, t] = (m, log_sum)`; masked rows get zeros."""
-    S, T, V = logits.shape
-    token_logps = torch.empty((S, T), dtype=torch.float32, device=logits.device)
-    row_stats = torch.empty((S, T, 2), dtype=torch.float32, device=logits.device)
-    if S * T == 0:
-        return token_logps, row_stats
-    with torch.cuda.device(logits.device):
-        extension.load().cuda_token_logps_forward(
-            logits.data_ptr(), extension.dtype_code(logits.dtype), S, T, V, logits.stride(0), logits.stride(1),
-            targets.data_ptr(), ignore_index, token_logps.data_ptr(), row_stats.data_ptr(), _stream(logits.device),
-        )
-    return token_logps, row_stats
+def forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, extras: bool = False):
+    def launch(out: ForwardBuffers) -> None:
+        with torch.cuda.device(logits.device):
+            extension.load().cuda_token_logps_forward(
+                *row_arguments(logits, targets, ignore_index), pointer(out.token_logps), pointer(out.row_stats),
+                pointer(out.stats), _stream(logits.device),
+            )
+
+    return run_forward(logits, extras, launch)
 
 
-def backward(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    row_stats: torch.Tensor,
-    grad: torch.Tensor,
-    out: torch.Tensor,
-) -> None:
-    """Writes the logits gradient into `out` (shaped like the logits, unit stride over V; may be
-    the logits themselves). `row_stats`: fp32 contiguous `[S, T, 2]` as `forward` returned it;
-    `grad`: fp32 contiguous `[S, T]`."""
-    S, T, V = logits.shape
-    if S * T == 0 or V == 0:
-        return
-    with torch.cuda.device(logits.device):
-        extension.load().cuda_token_logps_backward(
-            logits.data_ptr(), extension.dtype_code(logits.dtype), S, T, V, logits.stride(0), logits.stride(1),
-            targets.data_ptr(), ignore_index, row_stats.data_ptr(), grad.data_ptr(),
-            out.data_ptr(), out.stride(0), out.stride(1), _stream(logits.device),
-        )
+def backward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, row_stats: torch.Tensor,
+             grad: torch.Tensor, out: torch.Tensor, entropy_grad: Optional[torch.Tensor] = None,
+             entropy: Optional[torch.Tensor] = None) -> None:
+    def launch() -> None:
+        with torch.cuda.device(logits.device):
+            extension.load().cuda_token_logps_backward(
+                *row_arguments(logits, targets, ignore_index), row_stats.data_ptr(), grad.data_ptr(),
+                pointer(entropy_grad), pointer(entropy), out.data_ptr(), out.stride(0), out.stride(1),
+                _stream(logits.device),
+            )
+
+    run_backward(logits, launch)

@@ -47,6 +47,12 @@ from typing import NamedTuple, Optional
 import torch
 
 
+# TileStats' fields in the order the logits-path kernels write them ([S, T, 8] `stats`, see
+# token_logps_launch.py and csrc/cpu/token_logps.h).
+STATS_FIELDS = ("max", "sum_exp", "target_logit", "centered", "sum_sq", "sum_logits", "max_before_target",
+                "max_after_target")
+
+
 class LogitTransform(NamedTuple):
     """The element-wise map from the GEMM output `y` to the logits `z` (see the module docstring)."""
 
@@ -120,6 +126,37 @@ class TileStats:
     def tracks_extras(self) -> bool:
         return any(t is not None for t in (self.centered, self.sum_sq, self.sum_logits, self.max_before_target,
                                            self.max_after_target))
+
+
+class FinishedStats(NamedTuple):
+    """Per-token results of complete TileStats (every field tracked where the extra is wanted):
+    token_logps, row_stats `[..., 2]` = (max, log_sum) for backward, and the extras (None when the
+    field behind them was not tracked), all in the statistics' dtype (is_top1 bool)."""
+
+    token_logps: torch.Tensor
+    row_stats: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    mean_logits: Optional[torch.Tensor]
+    is_top1: Optional[torch.Tensor]
+    log_sum_sq_probs: Optional[torch.Tensor]
+
+
+def finish_stats(stats: TileStats, vocab_size: int) -> FinishedStats:
+    """The per-token quantities from statistics over the whole vocabulary of `vocab_size` entries
+    (formulas in TileStats' docstring). Element-wise on the statistics' shape; nothing V-sized."""
+    log_sum = stats.sum_exp.log()
+    token_logps = (stats.target_logit - stats.max) - log_sum
+    row_stats = torch.stack([stats.max, log_sum], dim=-1)
+    entropy = mean_logits = is_top1 = log_sum_sq_probs = None
+    if stats.centered is not None:
+        entropy = log_sum - stats.centered / stats.sum_exp
+    if stats.sum_logits is not None:
+        mean_logits = stats.sum_logits / vocab_size
+    if stats.max_before_target is not None:
+        is_top1 = (stats.target_logit > stats.max_before_target) & (stats.target_logit >= stats.max_after_target)
+    if stats.sum_sq is not None:
+        log_sum_sq_probs = stats.sum_sq.log() - 2 * log_sum
+    return FinishedStats(token_logps, row_stats, entropy, mean_logits, is_top1, log_sum_sq_probs)
 
 
 def check_tile(tile: torch.Tensor, targets: torch.Tensor) -> None:

@@ -60,38 +60,29 @@ def _logits(y, in_scale, out_scale, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _fold_tile_kernel(
-    tile_ptr, ld, chunk, v0,
-    targets_ptr,
-    max_ptr, sum_exp_ptr, target_logit_ptr,
-    centered_ptr, sum_sq_ptr, sum_logits_ptr, before_ptr, after_ptr,
-    in_scale, out_scale,
+def fold_row(
+    row_ptr, n, rel, in_scale, out_scale,
     HAS_SOFTCAP: tl.constexpr,
     CENTERED: tl.constexpr, SUM_SQ: tl.constexpr, SUM_LOGITS: tl.constexpr,
     BEFORE: tl.constexpr, AFTER: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = tile_ptr + row * ld
-    rel = tl.load(targets_ptr + row) - v0  # target's column in this chunk (any int64)
-    holds_target = (rel >= 0) & (rel < chunk)
-
+    """Statistics of z = transform(row[0:n]) in one streaming pass (BLOCK-wide loads, fp32): an
+    online max and vectors of max-relative partial sums, rescaled like csrc/common/softmax_moments.h
+    whenever the max grows. Returns (max, sum_exp, centered, sum_sq, sum_logits, max before column
+    `rel`, max after it); the untracked ones (constexpr flags off: no work) are 0 / -inf. Shared by
+    the tile fold and the logits path's forward with extras (triton_token_logps.py)."""
     offsets = tl.arange(0, BLOCK)
     running_max = tl.full([], -float("inf"), tl.float32)
     sums = tl.zeros([BLOCK], dtype=tl.float32)
-    if CENTERED:
-        centered = tl.zeros([BLOCK], dtype=tl.float32)
-    if SUM_SQ:
-        sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    if SUM_LOGITS:
-        sum_logits = tl.zeros([BLOCK], dtype=tl.float32)
-    if BEFORE:
-        before = tl.full([BLOCK], -float("inf"), tl.float32)
-    if AFTER:
-        after = tl.full([BLOCK], -float("inf"), tl.float32)
-    for c0 in range(0, chunk, BLOCK):
+    centered = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_logits = tl.zeros([BLOCK], dtype=tl.float32)
+    before = tl.full([BLOCK], -float("inf"), tl.float32)
+    after = tl.full([BLOCK], -float("inf"), tl.float32)
+    for c0 in range(0, n, BLOCK):
         cols = c0 + offsets
-        inside = cols < chunk
+        inside = cols < n
         y = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         z = tl.where(inside, _logits(y, in_scale, out_scale, HAS_SOFTCAP), -float("inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
@@ -114,12 +105,32 @@ def _fold_tile_kernel(
             before = tl.maximum(before, tl.where(cols < rel, z, -float("inf")))
         if AFTER:
             after = tl.maximum(after, tl.where(cols > rel, z, -float("inf")))
+    return (running_max, tl.sum(sums, axis=0), tl.sum(centered, axis=0), tl.sum(sum_sq, axis=0),
+            tl.sum(sum_logits, axis=0), tl.max(before, axis=0), tl.max(after, axis=0))
+
+
+@triton.jit
+def _fold_tile_kernel(
+    tile_ptr, ld, chunk, v0,
+    targets_ptr,
+    max_ptr, sum_exp_ptr, target_logit_ptr,
+    centered_ptr, sum_sq_ptr, sum_logits_ptr, before_ptr, after_ptr,
+    in_scale, out_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    CENTERED: tl.constexpr, SUM_SQ: tl.constexpr, SUM_LOGITS: tl.constexpr,
+    BEFORE: tl.constexpr, AFTER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = tile_ptr + row * ld
+    rel = tl.load(targets_ptr + row) - v0  # target's column in this chunk (any int64)
+    holds_target = (rel >= 0) & (rel < chunk)
+    c_max, c_sum, c_centered, c_sum_sq, c_sum_logits, c_before, c_after = fold_row(
+        row_ptr, chunk, rel, in_scale, out_scale, HAS_SOFTCAP, CENTERED, SUM_SQ, SUM_LOGITS, BEFORE, AFTER, BLOCK)
 
     # Merge the chunk's (max, sum, centered, sum_sq) into the row's running ones. An empty side has
     # max -inf and zero sums: its shift is taken as 0 so that no -inf * 0 or exp(-inf + inf) occurs;
     # the other side's factor is then exactly 1 (softmax_moments.h's merge, without branches).
-    c_max = running_max
-    c_sum = tl.sum(sums, axis=0)
     o_max = tl.load(max_ptr + row)
     o_sum = tl.load(sum_exp_ptr + row)
     m = tl.maximum(o_max, c_max)
@@ -132,17 +143,16 @@ def _fold_tile_kernel(
     tl.store(sum_exp_ptr + row, o_sum * r_o + c_sum * r_c)
     if CENTERED:
         o_centered = tl.load(centered_ptr + row)
-        c_centered = tl.sum(centered, axis=0)
         tl.store(centered_ptr + row, r_o * (o_centered + d_o * o_sum) + r_c * (c_centered + d_c * c_sum))
     if SUM_SQ:
         o_sum_sq = tl.load(sum_sq_ptr + row)
-        tl.store(sum_sq_ptr + row, o_sum_sq * (r_o * r_o) + tl.sum(sum_sq, axis=0) * (r_c * r_c))
+        tl.store(sum_sq_ptr + row, o_sum_sq * (r_o * r_o) + c_sum_sq * (r_c * r_c))
     if SUM_LOGITS:
-        tl.store(sum_logits_ptr + row, tl.load(sum_logits_ptr + row) + tl.sum(sum_logits, axis=0))
+        tl.store(sum_logits_ptr + row, tl.load(sum_logits_ptr + row) + c_sum_logits)
     if BEFORE:
-        tl.store(before_ptr + row, tl.maximum(tl.load(before_ptr + row), tl.max(before, axis=0)))
+        tl.store(before_ptr + row, tl.maximum(tl.load(before_ptr + row), c_before))
     if AFTER:
-        tl.store(after_ptr + row, tl.maximum(tl.load(after_ptr + row), tl.max(after, axis=0)))
+        tl.store(after_ptr + row, tl.maximum(tl.load(after_ptr + row), c_after))
     # The target's logit, computed exactly as in the loop (so ties with the maxima stay ties).
     y_t = tl.load(row_ptr + rel, mask=holds_target, other=0.0).to(tl.float32)
     z_t = _logits(y_t, in_scale, out_scale, HAS_SOFTCAP)

@@ -26,7 +26,7 @@ FUSED_OPTIONS = ("ld_alpha", "use_weighting")
 LOSS_OPTION_NAMES = DPO_LOSS_OPTIONS + FUSED_OPTIONS
 
 
-def check_fused_options(loss_options: dict, caller: str, *, supports_wpo: bool) -> None:
+def check_fused_options(loss_options: dict, caller: str) -> None:
     """Names and values of the loss options, before any kernel: TypeError for an unknown name,
     ValueError naming the option for a bad value."""
     unknown = sorted(set(loss_options) - set(LOSS_OPTION_NAMES))
@@ -44,11 +44,6 @@ def check_fused_options(loss_options: dict, caller: str, *, supports_wpo: bool) 
             raise ValueError(f"ld_alpha must be in [0, 1] (1 weighs every token equally), got {ld_alpha}")
     use_weighting = loss_options.get("use_weighting", False)
     validation.check_bool("use_weighting", use_weighting)
-    if use_weighting and not supports_wpo:
-        raise ValueError(
-            "use_weighting=True (WPO) needs each token's log sum_v p_v^2, which the logits path does not "
-            "compute; use fused_linear_dpo_loss, or pass WPO's pair weights (detached) as pair_weights."
-        )
     if use_weighting:
         loss_types = loss_opts.normalise_loss_types(loss_options.get("loss_type", "sigmoid"))
         sorting = sorted(set(loss_types) & loss_opts.SORTING_LOSS_TYPES)
@@ -94,6 +89,15 @@ def ld_alpha_weights(labels: torch.Tensor, loss_options: dict, *, ignore_index: 
     if ld_alpha is None:
         return None
     return ld_dpo_token_weights(labels, float(ld_alpha), ignore_index=ignore_index, shift=shift, dtype=dtype)
+
+
+# per-token extras behind TRL's logged `entropy`, `logits/*` and `mean_token_accuracy`
+METRIC_EXTRAS = ("entropy", "mean_logits", "is_top1")
+
+
+def policy_extras(loss_options: dict) -> tuple:
+    """The per-token extras the policy's pass computes: TRL's metrics', and WPO's log sum_v p_v^2."""
+    return METRIC_EXTRAS + (("log_sum_sq_probs",) if loss_options.get("use_weighting", False) else ())
 
 
 def needs_token_logps(loss_options: dict, token_weights: Optional[torch.Tensor]) -> bool:

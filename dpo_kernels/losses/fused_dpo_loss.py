@@ -19,6 +19,7 @@ from .dpo_from_logps import (
     dpo_output,
     ld_alpha_weights,
     needs_token_logps,
+    policy_extras,
 )
 
 
@@ -72,6 +73,7 @@ def fused_dpo_loss(
     ignore_index: int = -100,
     shift: bool = False,
     backend: str = "auto",
+    inplace_backward: bool = False,
     process_group=None,
     vocab_start: Optional[int] = None,
     vocab_end: Optional[int] = None,
@@ -86,7 +88,9 @@ def fused_dpo_loss(
     or none with `reference_free=True` (then `ref_logits` is refused: it would be a wasted pass).
 
     Args:
-        labels, ignore_index, shift, backend: as in `dk.sequence_logps`.
+        labels, ignore_index, shift, backend, inplace_backward: as in `dk.sequence_logps`
+            (`inplace_backward=True`: backward writes the gradient w.r.t. `policy_logits` into
+            their own storage; do not use them afterwards).
         process_group, vocab_start, vocab_end: vocabulary parallelism, as in `dk.sequence_logps`:
             `policy_logits` (and `ref_logits`) are this rank's `[2B, T, V_local]` slice; the loss,
             rewards and metrics are the whole vocabulary's, identical on every rank.
@@ -96,26 +100,30 @@ def fused_dpo_loss(
             ld_alpha: LD-DPO (None: off). For each pair, the first min(chosen, rejected length)
                 scored tokens weigh 1 and later ones `ld_alpha`, in the policy and in the
                 reference from `ref_logits` alike (TRL 1.16).
-            use_weighting: WPO; not available on the logits path (raises ValueError).
+            use_weighting: WPO (TRL 1.16): each pair's losses are multiplied by
+                w_chosen * w_rejected, w = exp(mean over the sequence's scored tokens of
+                log p(target) - log sum_v p_v^2), detached.
         The token counts ipo, sigmoid_norm and sft need are the numbers of scored tokens; sft's
         NLL is the mean over all chosen scored tokens of -log p, unweighted by `ld_alpha` (as TRL).
 
     Returns `dk.DPOOutput`. Its `metrics` property gives TRL's logged values as floats (one device
-    sync when read); `metric_tensors` the same as tensors, without a sync. The call itself never
+    sync when read), `entropy`, `logits/chosen`, `logits/rejected` and `mean_token_accuracy`
+    included (from per-token extras the policy's kernel pass computes alongside the log-probs); `metric_tensors` the same as tensors, without a sync. The call itself never
     syncs beyond `dk.sequence_logps`' label check, so it runs under `torch.compile(fullgraph=True)`.
 
-    Materialised beyond `dk.sequence_logps` (policy, and reference when from logits): `[2B, T]`
-    token weights with `ld_alpha`, and `[B]` tensors; nothing of size V.
+    Materialised beyond `dk.sequence_logps` (policy, with its extras, and reference when from
+    logits): `[2B, T]` token weights with `ld_alpha`, and `[B]` tensors; nothing of size V.
     """
-    check_fused_options(loss_options, "fused_dpo_loss", supports_wpo=False)
+    check_fused_options(loss_options, "fused_dpo_loss")
+    validation.check_bool("inplace_backward", inplace_backward)
     _check_inputs(policy_logits, labels, ref_chosen_logps, ref_rejected_logps, ref_logits, ignore_index, shift,
                   backend, loss_options)
     weight_dtype = torch.float64 if policy_logits.dtype == torch.float64 else torch.float32
     token_weights = ld_alpha_weights(labels, loss_options, ignore_index=ignore_index, shift=shift, dtype=weight_dtype)
     policy = sequence_logps(
         policy_logits, labels, ignore_index=ignore_index, shift=shift, token_weights=token_weights,
-        return_token_logps=needs_token_logps(loss_options, token_weights), backend=backend,
-        process_group=process_group, vocab_start=vocab_start, vocab_end=vocab_end,
+        extras=policy_extras(loss_options), return_token_logps=needs_token_logps(loss_options, token_weights),
+        inplace_backward=inplace_backward, backend=backend, process_group=process_group, vocab_start=vocab_start, vocab_end=vocab_end,
     )
     if ref_logits is not None:
         with torch.no_grad():

@@ -18,11 +18,9 @@ from .dpo_from_logps import (
     dpo_output,
     ld_alpha_weights,
     needs_token_logps,
+    policy_extras,
 )
 from .eager_linear_dpo_loss import check_eager_backward, eager_linear_dpo_loss
-
-# per-token extras behind TRL's logged `entropy`, `logits/*` and `mean_token_accuracy`
-METRIC_EXTRAS = ("entropy", "mean_logits", "is_top1")
 
 
 def _check_inputs(hidden, weight, labels, bias, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight,
@@ -116,7 +114,7 @@ def fused_linear_dpo_loss(
     Materialised: what `dk.linear_sequence_logps` materialises (one `[N_valid, chunk]` tile,
     `O(N_valid * H)`, the gradients), plus `[2B, T]` and `[B]` tensors; nothing of size `N * V`.
     """
-    check_fused_options(loss_options, "fused_linear_dpo_loss", supports_wpo=True)
+    check_fused_options(loss_options, "fused_linear_dpo_loss")
     _check_inputs(hidden, weight, labels, bias, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias,
                   loss_options)
     validation.check_int("ignore_index", ignore_index)
@@ -128,7 +126,7 @@ def fused_linear_dpo_loss(
             raise ValueError("eager_backward=True is not available with process_group (vocabulary parallelism)")
     weight_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     token_weights = ld_alpha_weights(labels, loss_options, ignore_index=ignore_index, shift=shift, dtype=weight_dtype)
-    extras = METRIC_EXTRAS + (("log_sum_sq_probs",) if loss_options.get("use_weighting", False) else ())
+    extras = policy_extras(loss_options)
     linear_options = dict(ignore_index=ignore_index, shift=shift, temperature=temperature, logit_scale=logit_scale,
                           softcap=softcap, chunk_size=chunk_size, backend=backend, token_weights=token_weights,
                           process_group=process_group, vocab_start=vocab_start, vocab_end=vocab_end)

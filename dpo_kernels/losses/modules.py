@@ -17,23 +17,26 @@ from .fused_linear_dpo_loss import fused_linear_dpo_loss
 class FusedDPOLoss(nn.Module):
     """`dk.fused_dpo_loss` with fixed options: `FusedDPOLoss(beta=0.1, loss_type="ipo")(logits, labels, ...)`.
 
-    Options (checked here, at construction): `ignore_index`, `shift`, `backend`, the vocabulary-parallel
+    Options (checked here, at construction): `ignore_index`, `shift`, `backend`, `inplace_backward`, the vocabulary-parallel
     `process_group` / `vocab_start` / `vocab_end`, and the loss options of `dk.fused_dpo_loss` except `pair_weights`, which is per batch and goes to `forward`.
     The module has no parameters or buffers.
     """
 
-    def __init__(self, *, ignore_index: int = -100, shift: bool = False, backend: str = "auto", process_group=None,
-                 vocab_start: Optional[int] = None, vocab_end: Optional[int] = None, **loss_options):
+    def __init__(self, *, ignore_index: int = -100, shift: bool = False, backend: str = "auto",
+                 inplace_backward: bool = False, process_group=None, vocab_start: Optional[int] = None,
+                 vocab_end: Optional[int] = None, **loss_options):
         super().__init__()
         if "pair_weights" in loss_options:
             raise TypeError("FusedDPOLoss() takes pair_weights in forward(), not as an option: it is per batch")
         check_int("ignore_index", ignore_index)
         check_bool("shift", shift)
         check_backend_name(backend)
-        check_fused_options(loss_options, "FusedDPOLoss", supports_wpo=False)
+        check_fused_options(loss_options, "FusedDPOLoss")
+        check_bool("inplace_backward", inplace_backward)
         self.ignore_index = ignore_index
         self.shift = shift
         self.backend = backend
+        self.inplace_backward = inplace_backward
         self.vocab_parallel = dict(process_group=process_group, vocab_start=vocab_start, vocab_end=vocab_end)
         self.loss_options = dict(loss_options)
 
@@ -49,11 +52,12 @@ class FusedDPOLoss(nn.Module):
         return fused_dpo_loss(
             policy_logits, labels, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
             ref_logits=ref_logits, ignore_index=self.ignore_index, shift=self.shift, backend=self.backend,
-            pair_weights=pair_weights, **self.vocab_parallel, **self.loss_options,
+            inplace_backward=self.inplace_backward, pair_weights=pair_weights, **self.vocab_parallel, **self.loss_options,
         )
 
     def extra_repr(self) -> str:
-        options = {"ignore_index": self.ignore_index, "shift": self.shift, "backend": self.backend}
+        options = {"ignore_index": self.ignore_index, "shift": self.shift, "backend": self.backend,
+                   "inplace_backward": self.inplace_backward}
         options.update(self.loss_options)
         return ", ".join(f"{k}={v!r}" for k, v in options.items())
 
@@ -82,7 +86,7 @@ class FusedLinearDPOLoss(nn.Module):
         check_bool("shift", shift)
         check_bool("eager_backward", eager_backward)
         check_backend_name(backend)
-        check_fused_options(loss_options, "FusedLinearDPOLoss", supports_wpo=True)
+        check_fused_options(loss_options, "FusedLinearDPOLoss")
         self.linear_options = dict(ignore_index=ignore_index, shift=shift, temperature=temperature,
                                    logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size,
                                    cache_budget_bytes=cache_budget_bytes, backend=backend,

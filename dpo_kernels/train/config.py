@@ -67,7 +67,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """ValueError/TypeError naming the setting at fault."""
-        check_fused_options(self.loss_options, "TrainConfig.loss_options", supports_wpo=True)
+        check_fused_options(self.loss_options, "TrainConfig.loss_options")
         if not isinstance(self.eager_backward, bool):
             raise TypeError(f"eager_backward must be a bool, got {type(self.eager_backward).__name__}")
         if self.eager_backward:

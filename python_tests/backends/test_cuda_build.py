@@ -64,12 +64,17 @@ def test_cuda_entry_points_reject_bad_arguments_before_launching():
     ext = _built_cuda_extension()
     rows = dict(S=1, T=1, V=8, stride_s=8, stride_t=8, targets=0, ignore_index=-100)
     with pytest.raises(ValueError, match="float64"):
-        ext.cuda_token_logps_forward(logits=0, dtype=ext.DTYPE_FLOAT64, token_logps=0, row_stats=0, stream=0, **rows)
+        ext.cuda_token_logps_forward(logits=0, dtype=ext.DTYPE_FLOAT64, token_logps=0, row_stats=0, stats=0, stream=0,
+                                     **rows)
     with pytest.raises(ValueError, match="dtype code"):
-        ext.cuda_token_logps_backward(logits=0, dtype=99, row_stats=0, grad=0, out=0, out_stride_s=8, out_stride_t=8,
-                                      stream=0, **rows)
+        ext.cuda_token_logps_backward(logits=0, dtype=99, row_stats=0, grad=0, entropy_grad=0, entropy=0, out=0,
+                                      out_stride_s=8, out_stride_t=8, stream=0, **rows)
+    with pytest.raises(ValueError, match="entropy_grad and entropy must be given together"):
+        ext.cuda_token_logps_backward(logits=0, dtype=ext.DTYPE_FLOAT32, row_stats=0, grad=0, entropy_grad=8,
+                                      entropy=0, out=0, out_stride_s=8, out_stride_t=8, stream=0, **rows)
     with pytest.raises(ValueError, match="aligned"):
-        ext.cuda_token_logps_forward(logits=2, dtype=ext.DTYPE_FLOAT32, token_logps=0, row_stats=0, stream=0, **rows)
+        ext.cuda_token_logps_forward(logits=2, dtype=ext.DTYPE_FLOAT32, token_logps=0, row_stats=0, stats=0, stream=0,
+                                     **rows)
     with pytest.raises(ValueError, match="required"):
         ext.cuda_tile_fold_stats(tile=0, dtype=ext.DTYPE_BFLOAT16, rows=4, chunk=8, ld=8, v0=0, targets=0,
                                  max=0, sum_exp=0, target_logit=0)

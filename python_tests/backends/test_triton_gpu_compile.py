@@ -2,7 +2,8 @@
 
 The interpreter tests prove the kernels' arithmetic; this proves that the real compiler (Triton's
 NVIDIA backend with its bundled ptxas) accepts them for sm_90 and sm_80 for every logits / tile
-dtype and every constexpr variant a launcher can select (the logits path's forward and backward; the
+dtype and every constexpr variant a launcher can select (the logits path's forward, plain and with
+the extras, and backward, with and without the entropy term; the
 linear path's tile fold, lean and with the extras, and tile gradient, with and without the entropy
 term, each with and without soft-capping), so a GPU run does not fail on a construct only the
 interpreter allows. It runs in a subprocess because the test session sets TRITON_INTERPRET=1,
@@ -33,8 +34,10 @@ _SCRIPT = textwrap.dedent(
     # (kernel, the pointers in the logits / tile dtype, constexpr variants): every variant the
     # launchers can select, at the launchers' GPU block sizes.
     KERNELS = [
-        (logps._token_logps_forward_kernel, ("logits_ptr",), [{"BLOCK_V": 4096}]),
-        (logps._token_logps_backward_kernel, ("logits_ptr", "out_ptr"), [{"SPAN": 16384, "BLOCK_V": 4096}]),
+        (logps._token_logps_forward_kernel, ("logits_ptr",),
+         [{"BLOCK_V": 4096, "EXTRAS": extras} for extras in (False, True)]),
+        (logps._token_logps_backward_kernel, ("logits_ptr", "out_ptr"),
+         [{"SPAN": 16384, "BLOCK_V": 4096, "HAS_ENTROPY": ent} for ent in (False, True)]),
         (tiles._fold_tile_kernel, ("tile_ptr",),
          [dict(HAS_SOFTCAP=cap, **extras, BLOCK=2048 if extras["CENTERED"] else 4096)
           for cap in (False, True) for extras in (LEAN, EXTRAS)]),
@@ -69,9 +72,10 @@ _SCRIPT = textwrap.dedent(
                     print(kernel.__name__, flags, dtype, f"sm_{arch}", "ok")
     """
 )
-# kernels x constexpr variants: token logps forward 1, backward 1; tile fold 4 (lean / extras,
+# kernels x constexpr variants: token logps forward 2 (plain / extras), backward 2 (with / without
+# entropy); tile fold 4 (lean / extras,
 # with / without softcap), tile grad 4 (with / without softcap, with / without entropy)
-_VARIANTS = 1 + 1 + 4 + 4
+_VARIANTS = 2 + 2 + 4 + 4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the GPU tests compile and run the kernels")

@@ -1,8 +1,9 @@
 """The vocabulary-parallel logits path on real gloo process groups (CPU, 2 and 4 ranks): each rank
 holds `[S, T, V_local]` logits columns; log-probs and the logits gradient of each slice equal the
 single-process computation (also at logits of +-1e4, with -inf entries, in bf16, and with
-`inplace_backward`); `fused_dpo_loss` with a process group equals the single-process loss; backward
-communicates nothing and forward 3 values per position. Spawned workers: python_tests/helpers/distributed.py."""
+`inplace_backward`), and so do the per-token extras (entropy with its gradient, mean_logits,
+is_top1 with row maxima tied across ranks, log_sum_sq_probs); `fused_dpo_loss` with a process group equals the single-process loss; backward
+communicates nothing and forward 3 values per position (8 with extras). Spawned workers: python_tests/helpers/distributed.py."""
 
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ CASES = [
     ("uneven-extreme-neg-inf", dict(split="uneven", extreme=True, neg_inf=True)),
     ("even-nothing-scored", dict(split="even", mask="all")),
     ("uneven-triton-inplace", dict(split="uneven", backend="triton", shift=True, weights=True, inplace=True)),
+    ("even-extras-ties-bf16", dict(split="even", extras=True, ties=True, shift=True, dtype=torch.bfloat16)),
+    ("uneven-extras-inplace-masked-row", dict(split="uneven", extras=True, ties=True, inplace=True,
+                                              mask="all_masked_row")),
+    ("even-extras-extreme-neg-inf", dict(split="even", extras=True, extreme=True, neg_inf=True)),
+    ("uneven-extras-triton", dict(split="uneven", extras=True, ties=True, backend="triton", weights=True)),
 ]
+EXTRAS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
 
 def _unit(dtype):
@@ -53,8 +60,13 @@ def _inputs(opts, V, seed=0):
     if opts.get("neg_inf"):
         logits[0, :, : V // 2] = float("-inf")  # whole slices of some rows are -inf
         logits[1, 1, 1::3] = float("-inf")
-    logits = logits.to(dtype)
     labels = torch.randint(0, V, (S, T), generator=g)
+    if opts.get("ties"):  # row 0's max at columns 0 and V - 2, held by different ranks
+        for t, target in ((2, V - 2), (3, 0)):  # argmax's first index: t = 2 False, t = 3 True
+            top = logits[0, t].max() + 1
+            logits[0, t, 0] = logits[0, t, V - 2] = top
+            labels[0, t + 1 if opts.get("shift") else t] = target
+    logits = logits.to(dtype)
     if opts.get("neg_inf"):
         labels[0] = torch.randint(V // 2, V, (T,), generator=g)  # targets with finite logits
     mask = opts.get("mask", "prompt")
@@ -65,7 +77,7 @@ def _inputs(opts, V, seed=0):
     elif mask == "all":
         labels[:] = -100
     weights = torch.rand(S, T, generator=g, dtype=torch.float64).to(dtype) if opts.get("weights") else None
-    coefs = [torch.randn(S, T, generator=g, dtype=torch.float64) for _ in range(2)]
+    coefs = [torch.randn(S, T, generator=g, dtype=torch.float64) for _ in range(3)]
     return logits, labels, weights, coefs
 
 
@@ -81,9 +93,11 @@ def _run(opts, logits, labels, weights, coefs, **distributed):
     out = dk.sequence_logps(x, labels, shift=opts.get("shift", False), average=opts.get("average", False),
                             token_weights=weights, return_token_logps=True,
                             inplace_backward=opts.get("inplace", False), backend=opts.get("backend", "cpu"),
-                            **distributed)
-    c_seq, c_tok = coefs
+                            extras=EXTRAS if opts.get("extras") else (), **distributed)
+    c_seq, c_tok, c_ent = coefs
     loss = (out.logps * c_seq[:, 0].to(out.logps.dtype)).sum() + (out.token_logps * c_tok.to(out.logps.dtype)).sum()
+    if opts.get("extras"):
+        loss = loss + (out.entropy * c_ent.to(out.logps.dtype)).sum()
     grad = torch.autograd.grad(loss, leaf)[0] if loss.requires_grad else None
     if grad is not None and opts.get("strided"):
         grad = grad[..., : logits.shape[-1]]
@@ -112,6 +126,12 @@ def _check_cases(rank, world):
         assert torch.equal(got.num_tokens, want.num_tokens), name
         assert_close(f"{name} logps", got.logps, want.logps, stat_tol)
         assert_close(f"{name} token_logps", got.token_logps, want.token_logps, stat_tol)
+        if opts.get("extras"):
+            for extra in ("entropy", "mean_logits", "log_sum_sq_probs"):
+                assert_close(f"{name} {extra}", getattr(got, extra), getattr(want, extra), stat_tol)
+            assert torch.equal(got.is_top1, want.is_top1), name
+            if opts.get("ties"):
+                assert not want.is_top1[0, 2] and want.is_top1[0, 3], name
         if want_grad is None:
             assert got_grad is None, name
             continue
@@ -179,6 +199,13 @@ def _check_communication(rank, world):
         assert forward == LAYOUT_INTS * 8 + 3 * S * T * 4, (V_local, forward)
         assert counter.total() == forward, "backward communicates nothing"
         assert {name for name, _ in counter.calls} == {"all_gather", "all_reduce"}
+        counter.reset()
+        with counter.counting():  # with every extra: 8 values per position, still nothing in backward
+            out = dk.sequence_logps(logits, labels, backend="cpu", process_group=dist.group.WORLD, extras=EXTRAS)
+            forward = counter.total()
+            (out.logps.sum() + out.entropy.sum()).backward()
+        assert forward == LAYOUT_INTS * 8 + 8 * S * T * 4, (V_local, forward)
+        assert counter.total() == forward, "backward communicates nothing"
 
 
 def test_communication_is_three_values_per_position(tmp_path):

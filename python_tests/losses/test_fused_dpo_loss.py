@@ -220,3 +220,53 @@ def test_pair_weights_scale_per_pair_losses():
                                  pair_weights=weights)
     torch.testing.assert_close(weighted.losses, plain.losses * weights, rtol=1e-14, atol=0)
     torch.testing.assert_close(weighted.loss, (plain.losses * weights).mean(), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_PARAMS)
+def test_wpo_and_token_metrics_match_reference_backend(backend, device):
+    """WPO's weights and TRL's per-token metrics (entropy, logits/*, mean_token_accuracy) from the
+    kernels' extras equal the plain-PyTorch backend's (full float64 log-softmax) on the same values."""
+    require_backend(backend, device)
+    dtype, B, T, V = BACKENDS[backend, device]
+    batch = make_pref_batch(B, T, V, seed=8, dtype=dtype)
+    options = dict(loss_type=["sigmoid", "ipo"], use_weighting=True, beta=0.2)
+    out, grad = run_fused(batch, backend, shift=True, source="logits", ld_alpha=0.5, device=device, **options)
+    x64 = batch.logits.detach().double().requires_grad_()
+    ref = dk.fused_dpo_loss(x64, batch.labels, ref_logits=batch.ref_logits.double(), shift=True, backend="reference",
+                            ld_alpha=0.5, **options)
+    (ref_grad,) = torch.autograd.grad(ref.loss, [x64])
+    rtol = rtol_for(dtype)
+    torch.testing.assert_close(out.loss.double(), ref.loss.detach(), rtol=rtol, atol=rtol)
+    torch.testing.assert_close(out.losses.double(), ref.losses.detach(), rtol=rtol, atol=rtol)
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=rtol * scale)
+    got, want = out.metrics, ref.metrics
+    assert set(got) == set(want) and {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"} <= set(got)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=rtol, abs=rtol), name
+
+
+def test_inplace_backward_through_function_and_module():
+    """inplace_backward=True: the same gradient, written into the policy logits' own storage."""
+    require_backend("cpu", "cpu")
+    batch = make_pref_batch(2, 7, 30, seed=6)
+    options = dict(beta=0.3, loss_type=["sigmoid", "sft"], ld_alpha=0.5, use_weighting=False)
+
+    def gradient(call):
+        leaf = batch.logits.clone().requires_grad_()
+        x = leaf * 1  # a model output: in-place backward overwrites it
+        (grad,) = torch.autograd.grad(call(x).loss, [leaf])
+        return grad, x.detach()
+
+    def function(x, **kw):
+        return dk.fused_dpo_loss(x, batch.labels, ref_logits=batch.ref_logits, shift=True, backend="cpu", **options,
+                                 **kw)
+
+    want, untouched = gradient(function)
+    assert torch.equal(untouched, batch.logits)
+    got, storage = gradient(lambda x: function(x, inplace_backward=True))
+    assert torch.equal(got, want) and torch.equal(storage, want)
+    module = dk.FusedDPOLoss(shift=True, backend="cpu", inplace_backward=True, **options)
+    got, storage = gradient(lambda x: module(x, batch.labels, ref_logits=batch.ref_logits))
+    assert torch.equal(got, want) and torch.equal(storage, want)
+    assert "inplace_backward=True" in repr(module)
