@@ -65,6 +65,22 @@ def test_token_logps_ops(inplace):
     torch.library.opcheck(backward, (logits.detach().clone(), labels, row_stats, grad, -100, "cpu"))
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["fresh", "inplace"])
+def test_token_logps_extras_ops(inplace):
+    """The extras forward, and both backward ops with the entropy term (entropy_grad, entropy)."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(S, T, V, generator=gen, requires_grad=True)
+    labels = _labels()
+    torch.library.opcheck(OPS.token_logps_extras, (logits, labels, -100, "cpu", inplace))
+    with torch.no_grad():
+        _, row_stats, entropy, _, _, _ = OPS.token_logps_extras(logits, labels, -100, "cpu", inplace)
+    grad = torch.randn(S, T, generator=gen)
+    entropy_grad = torch.randn(S, T, generator=gen)
+    backward = OPS.token_logps_backward_ if inplace else OPS.token_logps_backward
+    torch.library.opcheck(backward, (logits.detach().clone(), labels, row_stats, grad, -100, "cpu", entropy_grad,
+                                     entropy))
+
+
 @pytest.mark.parametrize("all_scored", [False, True], ids=["masked", "all-scored"])
 def test_scored_positions(all_scored):
     labels = _labels() if not all_scored else torch.randint(0, V, (S, T))
@@ -124,7 +140,7 @@ def test_eager_linear_dpo_gradients():
 
 def test_every_custom_op_of_the_package_is_checked_here():
     """A new op must come with an opcheck case in this file."""
-    checked = {"token_logps", "token_logps_backward", "token_logps_backward_", "scored_positions",
+    checked = {"token_logps", "token_logps_extras", "token_logps_backward", "token_logps_backward_", "scored_positions",
                "linear_token_logps", "linear_token_logps_backward", "eager_linear_dpo_gradients"}
     registered = {name for name in dir(OPS) if not name.startswith("_") and isinstance(getattr(OPS, name),
                                                                                         torch._ops.OpOverloadPacket)}
