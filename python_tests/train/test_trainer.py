@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpo_kernels.train import reference_logps
-from dpo_kernels.train.checkpoint import latest_checkpoint, list_checkpoints
+from dpo_kernels.train.checkpoint import list_checkpoints, newest_intact_checkpoint
 from dpo_kernels.train.config import TrainConfig
 from dpo_kernels.train.metrics_log import read_metrics
 from dpo_kernels.train.trainer import DPOTrainer
@@ -137,8 +137,11 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000003", "step-00000004"]
     # a crash while writing leaves a temporary directory, which is never taken for a checkpoint
     (checkpoints / ".tmp-step-00000005-123").mkdir()
-    (checkpoints / "step-00000009").mkdir()  # no trainer_state.json: incomplete
-    assert latest_checkpoint(checkpoints).name == "step-00000004"
+    (checkpoints / "step-00000009").mkdir()  # no manifest: skipped, and named
+    path, skipped = newest_intact_checkpoint(checkpoints)
+    assert path.name == "step-00000004"
+    assert skipped == [f"{checkpoints / 'step-00000009' / 'manifest.json'}: missing (the checkpoint is incomplete, "
+                       "or from a version without checksums)"]
     state = json.loads((checkpoints / "step-00000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["config"]["max_steps"] == 4
 
