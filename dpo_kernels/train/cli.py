@@ -500,11 +500,15 @@ def _train(args, record: dict, *, resume, overwrite: bool) -> dict:
         write_run_record(out, record)
     trainer.dp.barrier()
     started = time.perf_counter()
+    record_resume = bool(resume) and trainer.dp.is_main  # once resumed: the settings the run goes on with
     try:
         final = trainer.train(resume=resume)
-    finally:
-        if resume and trainer.run_id is not None and trainer.dp.is_main:  # resumed: the settings it runs with
+    except BaseException:
+        if record_resume and trainer.run_id is not None:
             write_run_record(out, record)
+        raise
+    if record_resume and final:
+        write_run_record(out, record)
     if not final:
         print(f"dpo-kernels: the run in {out} finished at step {trainer.step}: nothing left to do")
         return final

@@ -63,7 +63,8 @@ class StopRequests:
 
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: a handler installed outside Python, which cannot be restored
+                signal.signal(signum, handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
