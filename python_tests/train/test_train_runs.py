@@ -158,6 +158,15 @@ def test_flipped_byte_in_the_optimizer_state_is_refused_by_name(finished, tmp_pa
     assert "step-00000015 at step 15" in caplog.text
 
 
+def test_resume_from_a_given_checkpoint(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished["run"], run)
+    assert main(["train", "--resume", str(run / "checkpoints" / "step-00000015")]) == 0  # the run is its parent
+    assert read_metrics(run / "metrics.jsonl") == read_metrics(finished["whole"] / "metrics.jsonl")
+    with pytest.raises(SystemExit, match="is a checkpoint of the run in .* not of --output-dir"):
+        main(["train", "--output-dir", str(tmp_path / "other"), "--resume", str(run / "checkpoints" / "step-00000015")])
+
+
 def test_resume_without_a_checkpoint_names_the_directory(tmp_path):
     with pytest.raises(SystemExit, match="no such directory: there is no run to resume"):
         main(["train", "--output-dir", str(tmp_path / "none"), "--resume"])
