@@ -34,8 +34,9 @@ bench: install
 	status=$$?; \
 	$(PY) benchmarks/report.py $$json && exit $$status
 
+# a new demo run each time: --overwrite replaces the previous one in demo_output (a run directory holds one run)
 demo: install
-	$(VENV)/bin/dpo-kernels train --output-dir demo_output
+	$(VENV)/bin/dpo-kernels train --output-dir demo_output --overwrite
 
 info: install
 	$(PY) -m dpo_kernels.info

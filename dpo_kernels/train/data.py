@@ -301,7 +301,7 @@ def _parse_record(raw, origin: str) -> PreferenceRecord:
         raise ValueError(f"{origin}: expected an object with fields prompt/chosen/rejected, got {_type_name(raw)}")
     for name in ("chosen", "rejected"):
         if raw.get(name) is None:
-            raise ValueError(f"{origin}: field {name!r} is missing")
+            raise ValueError(f"{origin}: field {name!r} is {_absence(raw, name)}")
     chosen = _parse_side(raw["chosen"], "chosen", origin)
     rejected = _parse_side(raw["rejected"], "rejected", origin)
     for name, value in (("chosen", chosen), ("rejected", rejected)):
@@ -312,7 +312,8 @@ def _parse_record(raw, origin: str) -> PreferenceRecord:
         raise ValueError(f"{origin}: field 'rejected' is {_kind(rejected)} but 'chosen' is {kind}")
     prompt = raw.get("prompt")
     if prompt is None:
-        prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, origin)
+        prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, f"{origin}: field 'prompt' is "
+                                                          f"{_absence(raw, 'prompt')}")
         return PreferenceRecord(prompt, chosen, rejected, origin)
     prompt = _parse_side(prompt, "prompt", origin)
     if _kind(prompt) != kind:
@@ -320,6 +321,11 @@ def _parse_record(raw, origin: str) -> PreferenceRecord:
     if isinstance(prompt, list) and not prompt:
         raise ValueError(f"{origin}: field 'prompt' is an empty list: a conversational prompt needs a message")
     return PreferenceRecord(prompt, chosen, rejected, origin)
+
+
+def _absence(raw: Mapping, name: str) -> str:
+    """How field `name` of a record is absent: "missing", or "null" (JSON null, None)."""
+    return "null" if name in raw else "missing"
 
 
 def _kind(value) -> str:
@@ -356,8 +362,9 @@ def _parse_side(value, name: str, origin: str):
     return messages
 
 
-def _split_implicit_prompt(chosen, rejected, origin: str):
-    """(prompt, chosen completion, rejected completion) by TRL's `extract_prompt` rule (module docstring)."""
+def _split_implicit_prompt(chosen, rejected, where: str):
+    """(prompt, chosen completion, rejected completion) by TRL's `extract_prompt` rule (module docstring);
+    `where` starts the error message ("<origin>: field 'prompt' is missing")."""
     shortest = min(len(chosen), len(rejected))
     cut = next((index for index in range(shortest) if chosen[index] != rejected[index]), None)
     if cut is None:  # one is a prefix of the other: keep one element in each completion
@@ -367,7 +374,7 @@ def _split_implicit_prompt(chosen, rejected, origin: str):
     if cut <= 0:
         unit = "messages" if isinstance(chosen, list) else "text"
         raise ValueError(
-            f"{origin}: field 'prompt' is missing and 'chosen' and 'rejected' share no leading {unit}, so no "
+            f"{where} and 'chosen' and 'rejected' share no leading {unit}, so no "
             "prompt can be extracted: give the prompt explicitly"
         )
     return chosen[:cut], chosen[cut:], rejected[cut:]

@@ -1,10 +1,12 @@
 """Content hashes that key cached reference log-probs and check that a resumed run uses the same
-reference: a model's parameters and buffers, and the tokenised pairs."""
+reference: a model's parameters and buffers, and the tokenised pairs; and the sha256 of a file
+(checkpoint manifests, the data files recorded in `run.json`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -41,4 +43,13 @@ def pairs_fingerprint(pairs, **settings) -> str:
     hasher.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for pair in pairs:
         hasher.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    return hasher.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of the file at `path`, read a block at a time."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_BLOCK), b""):
+            hasher.update(block)
     return hasher.hexdigest()

@@ -26,3 +26,12 @@ def make_scheduler(optimizer, *, warmup_steps: int, total_steps: int, schedule: 
     def factor(step: int) -> float:
         return lr_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def recompute_learning_rate(scheduler) -> None:
+    """Set the optimizer's learning rates to the schedule's value at the scheduler's current step.
+    After a checkpoint's scheduler state is loaded into a scheduler built for another number of
+    total steps (an extended run), the next step then follows the new schedule; with the same total
+    the rates are the ones the checkpoint holds, bit for bit."""
+    scheduler.last_epoch -= 1
+    scheduler.step()

@@ -5,8 +5,8 @@ linear path scores the completion tokens from the last hidden states and the lm_
 or not, with its bias, `logit_scale` and `final_logit_softcapping`). The reference log-probs come
 from a frozen copy of the policy (or a given reference model), scored live or precomputed once and
 cached on disk. AdamW with warmup and a schedule, gradient accumulation and clipping, bf16 autocast
-on CUDA, gradient checkpointing, held-out evaluation, JSONL metrics, PNG plots, atomic checkpoints
-with exact resume, and `save_pretrained` at the end.
+on CUDA, gradient checkpointing, held-out evaluation, JSONL metrics, PNG plots, atomic and verified
+checkpoints with exact resume, a checkpoint on SIGINT/SIGTERM, and `save_pretrained` at the end.
 """
 
 from __future__ import annotations
@@ -15,31 +15,33 @@ import contextlib
 import copy
 import logging
 import math
+import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from ..losses.fused_linear_dpo_loss import fused_linear_dpo_loss
-from .checkpoint import latest_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (latest_session, newest_intact_checkpoint, read_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import TrainConfig
 from .data import collate_pairs
 from .data_parallel import DataParallel
 from .fingerprint import model_fingerprint, pairs_fingerprint
-from .lr_schedule import make_scheduler
+from .interrupts import StopRequests, TrainingInterrupted
+from .lr_schedule import make_scheduler, recompute_learning_rate
 from .metrics_log import MetricsLog
 from .model_quirks import disable_training_randomness
 from .model_sharding import full_model_state, full_optimizer_state, load_full_states, shard_model, sharded_hidden_states
 from .output_head import check_output_head, last_hidden_states, output_head
 from .reference_logps import precompute_reference_logps, reference_sequence_logps
+from .resume import CHANGEABLE_SETTINGS, refused_changes
 from .router_aux_loss import add_router_aux_loss, hidden_states_and_router_aux_loss, router_aux_loss_coef
+from .run_directory import refuse_another_run
 
 log = logging.getLogger(__name__)
-
-# settings a resumed run may change: they do not alter the sequence of losses
-BOOKKEEPING = ("output_dir", "ref_cache_dir", "progress_bar", "plots", "log_every", "eval_every", "save_every",
-               "keep_checkpoints", "eval_batch_pairs")
 
 
 class DPOTrainer:
@@ -115,6 +117,9 @@ class DPOTrainer:
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=config.warmup_steps,
                                         total_steps=self.total_steps, schedule=config.lr_schedule)
         self.step = 0
+        self.run_id: Optional[str] = None  # set when the run starts, kept across resumes
+        self.session = 0  # one per start or resume; orders checkpoints (see checkpoint.py)
+        self._saved = (None, None)  # (step, path) of the last checkpoint written or resumed from
 
     # -- numerics -------------------------------------------------------------------------------------
     def autocast(self):
@@ -275,7 +280,7 @@ class DPOTrainer:
     def _trainer_state(self) -> dict:
         return {"step": self.step, "total_steps": self.total_steps, "config": self.config.to_dict(),
                 "reference": self.ref_fingerprint, "data": self.data_fingerprint,
-                "world_size": self.dp.world_size, "format": 1}
+                "world_size": self.dp.world_size, "run_id": self.run_id, "session": self.session, "format": 2}
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes the checkpoint (with every rank's random state); all ranks return its path."""
@@ -293,19 +298,31 @@ class DPOTrainer:
                                    rng_states=states, trainer_state=self._trainer_state(),
                                    keep=self.config.keep_checkpoints)
         self.dp.barrier()
+        self._saved = (self.step, path)
         return path
 
-    def resume(self, checkpoint: Optional[Path] = None) -> Optional[Path]:
-        """Restore the latest checkpoint under `output_dir` (or `checkpoint`). Refuses a checkpoint
-        of other data, another reference model, or settings that change the losses."""
-        path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir / "checkpoints")
-        if path is None:
-            return None
-        checkpoint = read_checkpoint(path, rank=self.dp.rank, device="cpu" if self.sharded else self.device)
+    def _checkpoint_now(self) -> Path:
+        """The checkpoint of the current step: the one already written, or a new one."""
+        step, path = self._saved
+        return path if step == self.step else self.save_checkpoint()
+
+    def resume(self, checkpoint: Optional[Path] = None) -> Path:
+        """Restore `checkpoint`, or the newest intact checkpoint under `output_dir` (with a warning
+        naming each newer one skipped because a file is missing, truncated or altered). Refuses a
+        checkpoint of other data, another reference model, or settings that change the losses; a
+        refused or broken checkpoint changes nothing on disk. FileNotFoundError without any checkpoint."""
+        checkpoints_dir = self.output_dir / "checkpoints"
+        if checkpoint is None:
+            path, skipped = newest_intact_checkpoint(checkpoints_dir)
+            for reason in skipped:
+                log.warning("skipping a broken checkpoint: %s", reason)
+        else:
+            path = Path(checkpoint)
+        checkpoint = read_checkpoint(path, rank=self.dp.rank, device="cpu" if self.sharded else self.device,
+                                     verify=checkpoint is not None)
         state = checkpoint.trainer_state
-        saved, now = state["config"], self.config.to_dict()
-        changed = sorted(k for k in now if k not in BOOKKEEPING and _jsonable(saved.get(k)) != _jsonable(now[k]))
-        problems = [f"setting {k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in changed]
+        problems = [f"setting {name}: checkpoint {old!r}, now {new!r}"
+                    for name, old, new in refused_changes(state["config"], self.config.to_dict(), CHANGEABLE_SETTINGS)]
         if state["data"] != self.data_fingerprint:
             problems.append("the training pairs differ")
         if state.get("world_size", 1) != self.dp.world_size:
@@ -313,13 +330,25 @@ class DPOTrainer:
                             f"{self.dp.world_size}")
         if state["reference"] != self.ref_fingerprint:
             problems.append("the reference model differs (pass the model the run started from)")
+        if state["step"] > self.total_steps:
+            problems.append(f"it is at step {state['step']}, beyond the {self.total_steps} steps of this run")
         if problems:
             raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
         load_full_states(self.model, self.optimizer, checkpoint.model_state, checkpoint.optimizer_state,
                          self.sharded)
         self.scheduler.load_state_dict(checkpoint.scheduler_state)
+        recompute_learning_rate(self.scheduler)  # the schedule of this run's total steps
         set_rng_state(checkpoint.rng_state)
         self.step = state["step"]
+        self.run_id = state.get("run_id") or uuid.uuid4().hex
+        self.session = latest_session(checkpoints_dir) + 1
+        self._saved = (self.step, path)
+        if state.get("total_steps", self.total_steps) != self.total_steps and self.step < self.total_steps \
+                and self.config.lr_schedule != "constant":
+            log.warning("the run had %d steps and now has %d: its %s learning-rate schedule is recomputed for %d "
+                        "steps, so step %d uses %.4g instead of %.4g", state["total_steps"], self.total_steps,
+                        self.config.lr_schedule, self.total_steps, self.step + 1,
+                        self.optimizer.param_groups[0]["lr"], checkpoint.optimizer_state["param_groups"][0]["lr"])
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
@@ -330,14 +359,30 @@ class DPOTrainer:
         from tqdm.auto import tqdm
         return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
-    def train(self, *, resume: bool = False, stop_after_step: Optional[int] = None) -> dict:
+    def train(self, *, resume=False, stop_after_step: Optional[int] = None) -> dict:
         """Run to `total_steps` (or stop after `stop_after_step`, leaving a checkpoint to resume from).
-        Returns the last held-out metrics (or the last training metrics without an eval split)."""
+        Returns the last held-out metrics (or the last training metrics without an eval split; {}
+        when a resumed run had nothing left to do).
+
+        resume: False for a new run, which refuses an `output_dir` holding another run's outputs;
+            True to continue from the newest intact checkpoint; or the path of a checkpoint.
+        A first SIGINT or SIGTERM ends the step under way, writes a checkpoint and raises
+        `TrainingInterrupted`; a second one raises `StoppedAtOnce` at once (see interrupts.py)."""
+        with StopRequests() as stop:
+            return self._train(stop, resume, stop_after_step)
+
+    def _train(self, stop: StopRequests, resume, stop_after_step: Optional[int]) -> dict:
         config = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        resumed = self.resume() if resume else None
+        resumed = self.resume(None if resume is True else resume) if resume else None
         if not resumed:
+            refuse_another_run(self.output_dir, include_record=False)
+            self.dp.barrier()  # every rank has looked before rank 0 writes
+            self.run_id, self.session = uuid.uuid4().hex, 0
             torch.manual_seed(config.seed)
+        elif self.step == self.total_steps and (self.output_dir / "model").is_dir():
+            log.info("the run in %s finished at step %d: nothing left to do", self.output_dir, self.step)
+            return {}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics_log = (MetricsLog(self.output_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
                        if self.dp.is_main else _NullLog())
         self.prepare_reference()
@@ -347,38 +392,42 @@ class DPOTrainer:
             last_eval = self._log_eval(metrics_log)
         bar = self._progress(total=self.total_steps, initial=self.step, desc="train", unit="step")
         end = self.total_steps if stop_after_step is None else min(self.total_steps, stop_after_step)
-        started, last = time.perf_counter(), {}
-        try:
-            while self.step < end:
-                last = self._train_step()
-                if self.step % config.log_every == 0 or self.step == self.total_steps:
-                    metrics_log.write(self.step, "train", last)
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
-                if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
-                    last_eval = self._log_eval(metrics_log, bar)
-                if config.save_every and self.step % config.save_every == 0 and self.step < end:
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
-            bar.close()
-            if self.dp.active:  # the other ranks may be anywhere: no collective checkpoint
-                raise
-            path = self.save_checkpoint()
-            log.warning("interrupted at step %d; checkpoint %s (resume with --resume)", self.step, path)
-            raise
+        started, first_step, last = time.perf_counter(), self.step, {}
+        while self.step < end:
+            last = self._train_step()
+            if self.step % config.log_every == 0 or self.step == self.total_steps:
+                metrics_log.write(self.step, "train", last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
+            if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
+                last_eval = self._log_eval(metrics_log, bar)
+            if config.save_every and self.step % config.save_every == 0 and self.step < end:
+                self.save_checkpoint()
+            if self._stop_requested(stop):
+                bar.close()
+                raise TrainingInterrupted(stop.signum, self.step, self._checkpoint_now())
         bar.close()
-        self.save_checkpoint()
+        self._checkpoint_now()
         if self.step < self.total_steps:
             return last
         last_eval = self._log_eval(metrics_log) or last_eval
         self.save_model(self.output_dir / "model")
         if self.dp.is_main:
-            log.info("trained %d steps in %.1f s", self.step, time.perf_counter() - started)
+            log.info("trained %d steps in %.1f s", self.step - first_step, time.perf_counter() - started)
             if config.plots:
                 from .plots import plot_metrics
                 plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "plots" / "training.png")
         self.dp.barrier()
         return last_eval or last
+
+    def _stop_requested(self, stop: StopRequests) -> bool:
+        """Whether a signal asked to stop, on any rank (all ranks stop at the same step)."""
+        requested = stop.signum is not None
+        if self.dp.active:
+            requested = self.dp.sum_values({"stop": float(requested)}, self.device)["stop"] > 0
+            if requested and stop.signum is None:
+                stop.signum = signal.SIGTERM  # another rank was signalled
+        return requested
 
     def _log_eval(self, metrics_log: MetricsLog, bar=None) -> dict:
         metrics = self.evaluate()
@@ -415,11 +464,3 @@ class _NullBar:
     def close(self):
         pass
 
-
-def _jsonable(value):
-    """Settings compared as they are stored in JSON (tuples become lists)."""
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value

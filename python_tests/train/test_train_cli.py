@@ -71,3 +71,16 @@ def test_unavailable_model_is_a_clear_error_and_nothing_is_fetched(tmp_path):
     assert result.returncode != 0
     assert "'no-such-org/no-such-model' is not available locally" in result.stderr
     assert "Nothing is downloaded" in result.stderr
+
+
+def test_help_shows_the_real_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for needle in ("--beta BETA scale of the implicit reward (beta x policy/reference log-ratio) (default: 0.1)",
+                   "--batch-pairs BATCH_PAIRS pairs per micro-batch (default: 8; 16 for the embedded default)",
+                   "--epochs EPOCHS passes over the training pairs (default: 1.0; 4.0 for the embedded default)",
+                   "(default: linear)", "--output-dir OUTPUT_DIR the run directory; it holds one run (default: "
+                   "dpo_output)", "--resume [PATH]", "--overwrite", "--split SPLIT", "--eval-split EVAL_SPLIT"):
+        assert needle in text
+    assert "None" not in text

@@ -166,6 +166,13 @@ def test_implicit_record_without_shared_prefix_is_an_error():
         load_preference_records([STANDARD[0], {"chosen": [user("a")], "rejected": [user("b")]}])
 
 
+def test_null_fields_are_reported_as_null():
+    with pytest.raises(ValueError, match=r"records\[0\]: field 'prompt' is null and 'chosen' and 'rejected' share"):
+        load_preference_records([{"prompt": None, "chosen": "yes", "rejected": "no"}])
+    with pytest.raises(ValueError, match=r"records\[0\]: field 'chosen' is null$"):
+        load_preference_records([{"prompt": "p", "chosen": None, "rejected": "no"}])
+
+
 def test_null_prompt_means_implicit_and_null_message_keys_are_dropped():
     datasets = pytest.importorskip("datasets")
     rows = [
@@ -221,7 +228,7 @@ def test_malformed_json_record_names_its_line(tmp_path):
     path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     start = [number for number, line in enumerate(path.read_text().splitlines(), start=1) if line == "  {"][1]
     assert start == 7
-    with pytest.raises(ValueError, match=re.escape(f"{path}:{start}: field 'rejected' is missing")):
+    with pytest.raises(ValueError, match=re.escape(f"{path}:{start}: field 'rejected' is null")):
         load_preference_records(path)
     path.write_text('[\n  {"prompt": "p",\n   "chosen": "c" "rejected": "r"}\n]', encoding="utf-8")
     with pytest.raises(ValueError, match=re.escape(f"{path}:3: invalid JSON")):

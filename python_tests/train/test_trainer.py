@@ -1,17 +1,21 @@
 """DPOTrainer on a tiny Llama over the default tokenizer and the shipped pairs: learning, the
-reference sources, gradient accumulation, checkpoints and exact resume."""
+reference sources, gradient accumulation, checkpoints, exact resume, extension and signals."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 
 from dpo_kernels.train import reference_logps
-from dpo_kernels.train.checkpoint import latest_checkpoint, list_checkpoints
+from dpo_kernels.train.checkpoint import list_checkpoints, newest_intact_checkpoint, verify_checkpoint
 from dpo_kernels.train.config import TrainConfig
+from dpo_kernels.train.interrupts import StoppedAtOnce, TrainingInterrupted
+from dpo_kernels.train.lr_schedule import lr_factor
 from dpo_kernels.train.metrics_log import read_metrics
 from dpo_kernels.train.trainer import DPOTrainer
 from python_tests.helpers.training import pairs, tiny_model, tokenizer
@@ -137,8 +141,11 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000003", "step-00000004"]
     # a crash while writing leaves a temporary directory, which is never taken for a checkpoint
     (checkpoints / ".tmp-step-00000005-123").mkdir()
-    (checkpoints / "step-00000009").mkdir()  # no trainer_state.json: incomplete
-    assert latest_checkpoint(checkpoints).name == "step-00000004"
+    (checkpoints / "step-00000009").mkdir()  # no manifest: skipped, and named
+    path, skipped = newest_intact_checkpoint(checkpoints)
+    assert path.name == "step-00000004"
+    assert skipped == [f"{checkpoints / 'step-00000009' / 'manifest.json'}: missing (the checkpoint is incomplete, "
+                       "or from a version without checksums)"]
     state = json.loads((checkpoints / "step-00000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["config"]["max_steps"] == 4
 
@@ -193,3 +200,68 @@ def test_bad_settings_are_refused():
         TrainConfig(batch_pairs=0)
     with pytest.raises(ValueError, match="train_pairs is empty"):
         DPOTrainer(tiny_model(), tokenizer(), [], TrainConfig(), device="cpu")
+
+
+def test_extending_a_decaying_schedule_recomputes_it_for_the_new_length(tmp_path, caplog):
+    settings = dict(lr_schedule="linear", warmup_steps=2, evals=0)
+    _trainer(tmp_path, max_steps=4, **settings).train()
+    resumed = _trainer(tmp_path, max_steps=8, **settings)
+    resumed.train(resume=True)
+    rates = {e["step"]: e["learning_rate"] for e in read_metrics(tmp_path / "metrics.jsonl")}
+    assert rates[4] == pytest.approx(3e-3 * lr_factor(3, warmup_steps=2, total_steps=4, schedule="linear"))
+    for step in range(5, 9):  # the steps after the resume follow the 8-step schedule
+        assert rates[step] == pytest.approx(3e-3 * lr_factor(step - 1, warmup_steps=2, total_steps=8,
+                                                             schedule="linear"))
+    assert "the run had 4 steps and now has 8: its linear learning-rate schedule is recomputed" in caplog.text
+
+
+def test_a_signal_stops_at_the_step_boundary_with_a_checkpoint(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, max_steps=6, evals=0)
+    take_step = trainer._train_step
+
+    def step_then_signal():
+        metrics = take_step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+    monkeypatch.setattr(trainer, "_train_step", step_then_signal)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.train()
+    assert (stop.value.signum, stop.value.step) == (signal.SIGTERM, 2)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+
+def test_a_second_signal_stops_at_once_and_leaves_the_checkpoints_intact(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, max_steps=6, evals=0, save_every=1, keep_checkpoints=5)
+    take_step, save = trainer._train_step, torch.save
+
+    def step_then_signal():
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # asks for a checkpoint after step 3
+        return take_step()
+
+    def save_then_signal(obj, path, *args, **kwargs):
+        if "step-00000003" in str(path):
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, while step 3 is being written
+        return save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(trainer, "_train_step", step_then_signal)
+    monkeypatch.setattr(torch, "save", save_then_signal)
+    with pytest.raises(StoppedAtOnce):
+        trainer.train()
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000001", "step-00000002"]  # no debris
+    for path in list_checkpoints(checkpoints):
+        verify_checkpoint(path)
+    monkeypatch.undo()
+    resumed = _trainer(tmp_path, max_steps=6, evals=0, save_every=1, keep_checkpoints=5)
+    resumed.train(resume=True)
+    assert [s for s, _ in _losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_new_run_refuses_a_directory_holding_another(tmp_path):
+    _trainer(tmp_path, max_steps=1, evals=0).train()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="already holds a run"):
+        _trainer(tmp_path, max_steps=1, evals=0).train()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
