@@ -50,7 +50,7 @@ class TrainConfig:
     router_aux_loss: bool = True       # MoE: add router_aux_loss_coef x the model's aux_loss, as TRL does
     fsdp2: bool = False                # under torchrun: shard the policy with FSDP2 instead of replicating it
     chunk_size: Optional[int] = None   # vocabulary chunk of the linear path (None: its default)
-    eager_backward: bool = False       # gradients in forward, pair by pair (no recompute; see the README)
+    eager_backward: bool = False       # gradients in forward, pair by pair (no recompute; see docs/losses.md)
     backend: str = "auto"
     # bookkeeping
     log_every: int = 1
