@@ -56,6 +56,11 @@ py::dict build_info() {
   info["cuda"] = dpo::cuda::built_with_cuda();
   info["cuda_version"] = std::string(dpo::cuda::built_cuda_version());
   info["cuda_archs"] = std::string(dpo::cuda::built_cuda_archs());
+#ifdef DPO_CUDA_EMULATION
+  info["cuda_emulation"] = true;
+#else
+  info["cuda_emulation"] = false;
+#endif
   return info;
 }
 
@@ -144,4 +149,7 @@ PYBIND11_MODULE(_C, m) {
       "entropy are both given or both 0. Rows with grad == entropy_grad == 0 become zeros unread.");
 
   dpo::cuda::register_entry_points(m);
+#ifdef DPO_CUDA_EMULATION
+  dpo_emulated::cuda::register_entry_points(m);
+#endif
 }

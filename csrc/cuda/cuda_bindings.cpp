@@ -16,6 +16,11 @@
 
 namespace py = pybind11;
 
+// Entry points are named cuda_<kernel>; the host emulation build binds them as cuda_emulated_<kernel>.
+#ifndef DPO_CUDA_ENTRY_PREFIX
+#define DPO_CUDA_ENTRY_PREFIX "cuda_"
+#endif
+
 namespace dpo::cuda {
 namespace {
 
@@ -43,7 +48,7 @@ void* as_stream(uintptr_t value) { return reinterpret_cast<void*>(value); }
 
 void register_entry_points(py::module_& m) {
   m.def(
-      "cuda_token_logps_forward",
+      DPO_CUDA_ENTRY_PREFIX "token_logps_forward",
       [](uintptr_t logits, int dtype, int64_t S, int64_t T, int64_t V, int64_t stride_s, int64_t stride_t,
          uintptr_t targets, int64_t ignore_index, uintptr_t token_logps, uintptr_t row_stats, uintptr_t stream) {
         token_logps_forward(rows_from(logits, dtype, S, T, V, stride_s, stride_t, targets, ignore_index),
@@ -59,7 +64,7 @@ void register_entry_points(py::module_& m) {
       "contiguous [S, T].");
 
   m.def(
-      "cuda_token_logps_backward",
+      DPO_CUDA_ENTRY_PREFIX "token_logps_backward",
       [](uintptr_t logits, int dtype, int64_t S, int64_t T, int64_t V, int64_t stride_s, int64_t stride_t,
          uintptr_t targets, int64_t ignore_index, uintptr_t row_stats, uintptr_t grad, uintptr_t out,
          int64_t out_stride_s, int64_t out_stride_t, uintptr_t stream) {
@@ -76,7 +81,7 @@ void register_entry_points(py::module_& m) {
       "grad == 0. Enqueued on `stream`; out may be the logits themselves.");
 
   m.def(
-      "cuda_tile_fold_stats",
+      DPO_CUDA_ENTRY_PREFIX "tile_fold_stats",
       [](uintptr_t tile, int dtype, int64_t rows, int64_t chunk, int64_t ld, int64_t v0, uintptr_t targets,
          uintptr_t max, uintptr_t sum_exp, uintptr_t target_logit, uintptr_t centered, uintptr_t sum_sq,
          uintptr_t sum_logits, uintptr_t max_before_target, uintptr_t max_after_target, double pre_scale,
@@ -102,7 +107,7 @@ void register_entry_points(py::module_& m) {
       "entropy, log_sum_sq_probs, mean_logits and is_top1.");
 
   m.def(
-      "cuda_tile_logits_grad",
+      DPO_CUDA_ENTRY_PREFIX "tile_logits_grad",
       [](uintptr_t tile, int dtype, int64_t rows, int64_t chunk, int64_t ld, int64_t v0, uintptr_t targets,
          uintptr_t row_stats, uintptr_t grad, uintptr_t entropy_grad, uintptr_t entropy, double pre_scale,
          double softcap, double post_scale, uintptr_t stream) {

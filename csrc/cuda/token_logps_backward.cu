@@ -65,8 +65,8 @@ void token_logps_backward(const TokenRows& rows, const float* row_stats, const f
     check_grid(num_rows, 0x7fffffff, kKernel, "token rows", shapes);
     check_grid(split.num_spans, 65535, kKernel, "vocabulary spans", shapes);
     const dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(split.num_spans));
-    token_logps_backward_kernel<T><<<grid, kSpanThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        rows, row_stats, grad, static_cast<T*>(out), out_stride_s, out_stride_t, split.vectors_per_span);
+    launch_kernel(token_logps_backward_kernel<T>, grid, kSpanThreads, 0, static_cast<cudaStream_t>(stream), rows,
+                  row_stats, grad, static_cast<T*>(out), out_stride_s, out_stride_t, split.vectors_per_span);
     check_launch(kKernel, rows.dtype, shapes);
   });
 }

@@ -80,9 +80,8 @@ void token_logps_forward(const TokenRows& rows, float* token_logps, float* row_s
     const RowLaunch launch = choose_row_launch(num_rows, rows.V, current_sm_count(kKernel));
     const auto shapes = [&] { return shapes_of(rows); };
     check_grid(launch.blocks, 0x7fffffff, kKernel, "row blocks", shapes);
-    token_logps_forward_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, 0,
-                                    static_cast<cudaStream_t>(stream)>>>(rows, launch.warps_per_row, token_logps,
-                                                                         row_stats);
+    launch_kernel(token_logps_forward_kernel<T>, static_cast<unsigned>(launch.blocks), launch.threads, 0,
+                  static_cast<cudaStream_t>(stream), rows, launch.warps_per_row, token_logps, row_stats);
     check_launch(kKernel, rows.dtype, shapes);
   });
 }
