@@ -22,4 +22,6 @@ void register_entry_points(pybind11::module_& m);
 // compiles the project's code in namespace dpo_emulated.
 namespace dpo_emulated::cuda {
 void register_entry_points(pybind11::module_& m);
+// cuda_emulated_check_detector: kernels with deliberate races that show the detectors work.
+void register_detector_checks(pybind11::module_& m);
 }  // namespace dpo_emulated::cuda

@@ -18,14 +18,8 @@ import torch
 
 from dpo_kernels.backends.kernel_table import kernel_module
 from dpo_kernels.backends.tile_epilogue import LogitTransform, TileStats
-from python_tests.helpers.logps import (
-    ACC_ROUNDINGS,
-    KERNEL_BACKENDS,
-    LOW_PRECISION,
-    backend_params,
-    require_backend,
-    tolerance,
-)
+from python_tests.helpers.logps import ACC_ROUNDINGS, LOW_PRECISION, backend_params, require_backend, tolerance
+from python_tests.helpers.logps import KERNEL_BACKENDS
 
 TRANSFORMS = {
     "identity": LogitTransform(),

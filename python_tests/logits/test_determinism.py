@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from python_tests.helpers.logps import (
-    KERNEL_BACKENDS,
-    Case,
-    backend_params,
-    make_inputs,
-    require_backend,
-    run_backend,
-    supports_dtype,
-)
+from python_tests.helpers.logps import Case, backend_params, make_inputs, require_backend, run_backend, supports_dtype
+from python_tests.helpers.logps import KERNEL_BACKENDS
 
 CPU_CASES = [
     Case(4, 16, 5001, torch.float32, mask="prompt_padding", shift=True, weights=True),

@@ -11,15 +11,8 @@ import pytest
 import torch
 
 import dpo_kernels as dk
-from python_tests.helpers.logps import (
-    KERNEL_BACKENDS,
-    Case,
-    backend_params,
-    make_inputs,
-    require_backend,
-    run_backend,
-    supports_dtype,
-)
+from python_tests.helpers.logps import Case, backend_params, make_inputs, require_backend, run_backend, supports_dtype
+from python_tests.helpers.logps import KERNEL_BACKENDS
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 

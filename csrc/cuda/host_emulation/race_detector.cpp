@@ -137,7 +137,8 @@ void check(void* p, size_t n, bool write) {
     } else {
       if (s.write_interval == 0) {
         fail_block("thread " + std::to_string(me) + verb + what + describe(addr + i) +
-                   " that no thread of the block has written (uninitialised shared memory)");
+                   " that no thread of the block has written yet (uninitialised shared memory, or a missing __syncthreads"
+                   " before this read)");
       }
       if (s.write_interval == g_interval && s.writer != me) {
         fail_block("thread " + std::to_string(me) + verb + what + describe(addr + i) + " that " + who(s.writer) +
@@ -186,6 +187,8 @@ DPO_TSAN_HOOK __tsan_read_range(void* p, unsigned long n) {
 DPO_TSAN_HOOK __tsan_write_range(void* p, unsigned long n) {
   if (cuda_emulation::detail::g_in_block) cuda_emulation::detail::check(p, n, true);
 }
+DPO_TSAN_HOOK __tsan_vptr_read(void**) {}
+DPO_TSAN_HOOK __tsan_vptr_update(void**, void*) {}
 DPO_TSAN_HOOK __tsan_init() {}
 DPO_TSAN_HOOK __tsan_func_entry(void*) {}
 DPO_TSAN_HOOK __tsan_func_exit() {}
