@@ -41,7 +41,7 @@ EXTRAS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
 
 class LinearConfig(NamedTuple):
-    backend: str  # "cpu" | "triton" | "cuda"
+    backend: str  # "cpu" | "triton" | "cuda" | "cuda_emulated"
     transform: LogitTransform
     chunk_size: int
     compute_dtype: torch.dtype

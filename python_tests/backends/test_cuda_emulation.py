@@ -50,6 +50,7 @@ def test_correct_kernel_passes_the_detectors():
     ("uninitialised_read", ["uninitialised_read(float*)::slots` (byte 0)", "no thread of the block has written"]),
     ("partial_warp_shuffle", ["warp 0", "mask 0xffffffff", "lanes 0x0000ffff only", "0xffff0000 had exited"]),
     ("divergent_barrier", ["__syncthreads was reached by 32 of the block's 64 threads"]),
+    ("misaligned_vector", ["thread 0 accesses a 16-byte vector", "not 16-byte aligned"]),
 ])
 def test_detector_reports_the_defect(name, report):
     with pytest.raises(RuntimeError) as info:

@@ -65,8 +65,32 @@ struct dim3 {
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
+// Fails the launch: a 16-byte vector access at an address that is not 16-byte aligned (the GPU
+// faults with "misaligned address"; the host would not).
+void misaligned_vector_access(const void* address);
+
+// A 16-byte vector. Copying one from or to memory checks the memory's alignment, as the GPU's
+// 16-byte loads and stores require (copies between registers are aligned by construction).
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
+
+  uint4() = default;
+  constexpr uint4(unsigned x_, unsigned y_, unsigned z_, unsigned w_) : x(x_), y(y_), z(z_), w(w_) {}
+  uint4(const uint4& other) : x(other.x), y(other.y), z(other.z), w(other.w) { check_alignment(&other); }
+  uint4& operator=(const uint4& other) {
+    check_alignment(this);
+    check_alignment(&other);
+    x = other.x;
+    y = other.y;
+    z = other.z;
+    w = other.w;
+    return *this;
+  }
+
+ private:
+  static void check_alignment(const void* p) {
+    if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) misaligned_vector_access(p);
+  }
 };
 
 struct alignas(8) float2 {

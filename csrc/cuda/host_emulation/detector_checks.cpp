@@ -60,6 +60,12 @@ __global__ void divergent_barrier(float* out) {
   out[threadIdx.x] = 0.f;
 }
 
+// A 16-byte load 4 bytes past a 16-byte boundary.
+__global__ void misaligned_vector(float* out) {
+  const uint4 v = *reinterpret_cast<const uint4*>(out + 4 * (threadIdx.x / 4) + 1);
+  out[threadIdx.x] = __uint_as_float(v.x);
+}
+
 }  // namespace
 
 void check_detector(const std::string& name) {
@@ -70,8 +76,9 @@ void check_detector(const std::string& name) {
   if (name == "uninitialised_read") kernel = uninitialised_read;
   if (name == "partial_warp_shuffle") kernel = partial_warp_shuffle;
   if (name == "divergent_barrier") kernel = divergent_barrier;
+  if (name == "misaligned_vector") kernel = misaligned_vector;
   if (kernel == nullptr) throw std::invalid_argument("no detector check named '" + name + "'");
-  std::vector<float> out(kThreads);
+  std::vector<float> out(kThreads + 4);
   cuda_emulation::launch(kernel, dim3(1), dim3(kThreads), 0, out.data());
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error("CUDA kernel " + name + " failed: " + cudaGetErrorString(err));

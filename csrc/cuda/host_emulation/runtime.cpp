@@ -187,6 +187,16 @@ void fail_block(const std::string& message) {
 
 }  // namespace detail
 
+void misaligned_vector_access(const void* address) {
+  char buf[32];
+  snprintf(buf, sizeof(buf), "%p", address);
+  const std::string message = std::string("thread ") + std::to_string(g_block ? g_block->running : 0) +
+                              " accesses a 16-byte vector at " + buf +
+                              ", which is not 16-byte aligned (a misaligned address on the GPU)";
+  if (detail::g_in_block) detail::fail_block(message);
+  throw std::logic_error("cuda emulation: " + message);
+}
+
 void __syncthreads() {
   Block& b = *g_block;
   if (++b.at_barrier == b.live) {
