@@ -31,6 +31,8 @@ def report() -> str:
     info = extension.build_info()
     if info:
         cuda = f"CUDA {info['cuda_version']} for sm {info['cuda_archs']}" if info["cuda"] else "no CUDA kernels"
+        if info.get("cuda_emulation"):
+            cuda += " (their host emulation: built)"
         lines.append(f"extension   built with {info['compiler']}, OpenMP {'on' if info['openmp'] else 'off'}, {cuda}")
     else:
         lines.append(f"extension   not available: {extension.load_error()}")
@@ -46,7 +48,7 @@ def report() -> str:
         for device in devices:
             reason = unavailable_reason(name, torch.device(device))
             status = "usable" if reason is None else f"unavailable: {reason}"
-            lines.append(f"  {name:<9} {device:<4}  {status}")
+            lines.append(f"  {name:<13} {device:<4}  {status}")
     return "\n".join(lines)
 
 

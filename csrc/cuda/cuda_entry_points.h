@@ -16,3 +16,12 @@ int device_count();                // 0 when no driver or device is present
 void register_entry_points(pybind11::module_& m);
 
 }  // namespace dpo::cuda
+
+// The same entry points bound to the kernels' host emulation, as cuda_emulated_*
+// (csrc/cuda/host_emulation/; built when CMake sets DPO_CUDA_EMULATION). The emulation build
+// compiles the project's code in namespace dpo_emulated.
+namespace dpo_emulated::cuda {
+void register_entry_points(pybind11::module_& m);
+// cuda_emulated_check_detector: kernels with deliberate races that show the detectors work.
+void register_detector_checks(pybind11::module_& m);
+}  // namespace dpo_emulated::cuda

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "element_io.cuh"
+#include "ptx_math.cuh"
 
 namespace dpo::cuda {
 
@@ -48,23 +49,12 @@ inline SpanSplit split_row(int64_t n, int per_vector, int64_t num_rows, int sm_c
 // as the float64 reference rounded to the logits' dtype has it (bf16 and fp32 have subnormals
 // down to 2^-133 and 2^-149). ex2.approx.f32 is what __expf uses, minus the .ftz.
 __device__ __forceinline__ float exp_keep_subnormal(float x) {
-  const float t = x * 1.4426950408889634f;  // x * log2(e)
-  float y;
-  asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(t));
-  return y;
+  return ex2_approx(x * 1.4426950408889634f);  // x * log2(e)
 }
 
-__device__ __forceinline__ float fma_keep_subnormal(float a, float b, float c) {
-  float r;
-  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
-  return r;
-}
+__device__ __forceinline__ float fma_keep_subnormal(float a, float b, float c) { return fma_rn(a, b, c); }
 
-__device__ __forceinline__ float mul_keep_subnormal(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
+__device__ __forceinline__ float mul_keep_subnormal(float a, float b) { return mul_rn(a, b); }
 
 // The logits path's element gradient: g * (onehot - exp((x - m) - log_sum)) with a single
 // rounding, fma(-g, p, onehot ? g : 0). m, log_sum: the row's statistics.

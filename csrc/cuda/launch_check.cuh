@@ -1,6 +1,7 @@
 // Host-side helpers every launcher uses: dtype dispatch to the kernel element types, the checks
 // run before a launch (std::invalid_argument) and after it (std::runtime_error naming the kernel,
-// the dtype and the shapes), and the SM count of the current device.
+// the dtype and the shapes), the SM count of the current device, and launch_kernel, the one
+// launch site of every kernel (the host emulation, host_emulation/, runs it on the CPU).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,6 +11,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common/dtypes.h"
 
@@ -49,6 +51,19 @@ inline void check_element_aligned(const void* p, DType dtype, const char* kernel
     throw std::invalid_argument(std::string(kernel) + ": " + what + " pointer is not aligned to its " +
                                 dtype_name(dtype) + " element size");
   }
+}
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...); in the host emulation build, the same
+// launch run by the emulation's scheduler (synchronously; the stream is ignored).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                   Args&&... args) {
+#if defined(DPO_HOST_EMULATION)
+  (void)stream;
+  cuda_emulation::launch(kernel, grid, block, shared_bytes, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
+#endif
 }
 
 // `shapes` is a callable returning the shapes as text, evaluated only when a check fails.

@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "ptx_math.cuh"
+
 namespace dpo::cuda {
 
 struct IdentityTransform {
@@ -52,10 +54,8 @@ struct TanhParts {
 // +-inf gives +-1 and 0.
 __device__ __forceinline__ TanhParts tanh_parts(float x) {
   const float a = fabsf(x);
-  float e;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(a * -2.88539004f));  // exp(-2a) = 2^(-2 a log2(e))
-  float q;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(q) : "f"(1.f + e));
+  const float e = ex2_approx_ftz(a * -2.88539004f);  // exp(-2a) = 2^(-2 a log2(e))
+  const float q = rcp_approx_ftz(1.f + e);
   const float t_big = fmaf(-2.f * e, q, 1.f);
   const float s_big = (4.f * e) * (q * q);
 

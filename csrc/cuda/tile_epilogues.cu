@@ -136,11 +136,11 @@ void tile_fold_stats(const void* tile, DType dtype, int64_t rows, int64_t chunk,
     with_transform(kFoldKernel, transform, [&](auto tf) {
       using Transform = decltype(tf);
       if (stats.tracks_extras()) {
-        tile_fold_stats_kernel<T, true, Transform>
-            <<<blocks, launch.threads, 0, s>>>(t, rows, chunk, ld, v0, targets, stats, launch.warps_per_row, tf);
+        launch_kernel(tile_fold_stats_kernel<T, true, Transform>, blocks, launch.threads, 0, s, t, rows, chunk, ld,
+                      v0, targets, stats, launch.warps_per_row, tf);
       } else {
-        tile_fold_stats_kernel<T, false, Transform>
-            <<<blocks, launch.threads, 0, s>>>(t, rows, chunk, ld, v0, targets, stats, launch.warps_per_row, tf);
+        launch_kernel(tile_fold_stats_kernel<T, false, Transform>, blocks, launch.threads, 0, s, t, rows, chunk, ld,
+                      v0, targets, stats, launch.warps_per_row, tf);
       }
     });
     check_launch(kFoldKernel, dtype, shapes);
@@ -175,11 +175,11 @@ void tile_logits_grad(void* tile, DType dtype, int64_t rows, int64_t chunk, int6
     with_transform(kGradKernel, transform, [&](auto tf) {
       using Transform = decltype(tf);
       if (entropy_grad != nullptr) {
-        tile_logits_grad_kernel<T, true, Transform><<<grid, kSpanThreads, 0, s>>>(
-            t, chunk, ld, v0, targets, row_stats, grad, entropy_grad, entropy, split.vectors_per_span, tf);
+        launch_kernel(tile_logits_grad_kernel<T, true, Transform>, grid, kSpanThreads, 0, s, t, chunk, ld, v0,
+                      targets, row_stats, grad, entropy_grad, entropy, split.vectors_per_span, tf);
       } else {
-        tile_logits_grad_kernel<T, false, Transform><<<grid, kSpanThreads, 0, s>>>(
-            t, chunk, ld, v0, targets, row_stats, grad, nullptr, nullptr, split.vectors_per_span, tf);
+        launch_kernel(tile_logits_grad_kernel<T, false, Transform>, grid, kSpanThreads, 0, s, t, chunk, ld, v0,
+                      targets, row_stats, grad, nullptr, nullptr, split.vectors_per_span, tf);
       }
     });
     check_launch(kGradKernel, dtype, shapes);

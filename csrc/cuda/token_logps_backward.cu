@@ -81,13 +81,11 @@ void token_logps_backward(const TokenRows& rows, const float* row_stats, const f
     const dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(split.num_spans));
     const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
     if (entropy_grad != nullptr) {
-      token_logps_backward_kernel<T, true><<<grid, kSpanThreads, 0, cuda_stream>>>(
-          rows, row_stats, grad, entropy_grad, entropy, static_cast<T*>(out), out_stride_s, out_stride_t,
-          split.vectors_per_span);
+      launch_kernel(token_logps_backward_kernel<T, true>, grid, kSpanThreads, 0, cuda_stream, rows, row_stats, grad,
+                    entropy_grad, entropy, static_cast<T*>(out), out_stride_s, out_stride_t, split.vectors_per_span);
     } else {
-      token_logps_backward_kernel<T, false><<<grid, kSpanThreads, 0, cuda_stream>>>(
-          rows, row_stats, grad, nullptr, nullptr, static_cast<T*>(out), out_stride_s, out_stride_t,
-          split.vectors_per_span);
+      launch_kernel(token_logps_backward_kernel<T, false>, grid, kSpanThreads, 0, cuda_stream, rows, row_stats, grad,
+                    nullptr, nullptr, static_cast<T*>(out), out_stride_s, out_stride_t, split.vectors_per_span);
     }
     check_launch(kKernel, rows.dtype, shapes);
   });

@@ -88,14 +88,14 @@ void token_logps_forward(const TokenRows& rows, float* token_logps, float* row_s
     const RowLaunch launch = choose_row_launch(num_rows, rows.V, current_sm_count(kKernel));
     const auto shapes = [&] { return shapes_of(rows); };
     check_grid(launch.blocks, 0x7fffffff, kKernel, "row blocks", shapes);
-    const dim3 grid(static_cast<unsigned>(launch.blocks));
     const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+    const auto blocks = static_cast<unsigned>(launch.blocks);
     if (stats != nullptr) {
-      token_logps_forward_kernel<T, true><<<grid, launch.threads, 0, cuda_stream>>>(rows, launch.warps_per_row,
-                                                                                   nullptr, nullptr, stats);
+      launch_kernel(token_logps_forward_kernel<T, true>, blocks, launch.threads, 0, cuda_stream, rows,
+                    launch.warps_per_row, nullptr, nullptr, stats);
     } else {
-      token_logps_forward_kernel<T, false><<<grid, launch.threads, 0, cuda_stream>>>(rows, launch.warps_per_row,
-                                                                                    token_logps, row_stats, nullptr);
+      launch_kernel(token_logps_forward_kernel<T, false>, blocks, launch.threads, 0, cuda_stream, rows,
+                    launch.warps_per_row, token_logps, row_stats, nullptr);
     }
     check_launch(kKernel, rows.dtype, shapes);
   });

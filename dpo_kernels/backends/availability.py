@@ -12,7 +12,9 @@ import torch
 
 from . import extension
 
-BACKENDS = ("triton", "cuda", "cpu", "reference")
+# "cuda_emulated": the CUDA C++ kernels run on CPU tensors by their host emulation, for tests
+# (slow, deterministic, with shared-memory race detection); "auto" never picks it.
+BACKENDS = ("triton", "cuda", "cpu", "reference", "cuda_emulated")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 
 
@@ -52,6 +54,15 @@ def _cuda_kernels_missing() -> Optional[str]:
     return None
 
 
+def _cuda_emulation_missing() -> Optional[str]:
+    ext = extension.load()
+    if ext is None:
+        return extension.load_error()
+    if not hasattr(ext, "cuda_emulated_token_logps_forward"):
+        return "this build of the extension has no CUDA host emulation (it is built on Linux with GCC or Clang)"
+    return None
+
+
 def unavailable_reason(backend: str, device: Optional[torch.device | str] = None) -> Optional[str]:
     """None when `backend` can run here (on tensors on `device`, when given), else why not."""
     device = torch.device(device) if isinstance(device, str) else device
@@ -81,6 +92,10 @@ def unavailable_reason(backend: str, device: Optional[torch.device | str] = None
         if device is None and not (torch.cuda.is_available() or triton_interpreting()):
             return "no CUDA device (and TRITON_INTERPRET is not set)"
         return None
+    if backend == "cuda_emulated":
+        if on_cuda:
+            return f"backend 'cuda_emulated' runs the CUDA kernels' host emulation on CPU tensors, but the tensors are on {device}"
+        return _cuda_emulation_missing()
     # backend == "cuda"
     if on_cpu:
         return f"backend 'cuda' runs on CUDA tensors, but the tensors are on {device}"

@@ -17,11 +17,13 @@ KERNEL_MODULES = {
         "cpu": "cpu_token_logps",
         "triton": "triton_token_logps",
         "cuda": "cuda_token_logps",
+        "cuda_emulated": "cuda_emulated_token_logps",
     },
     "tile_epilogues": {
         "cpu": "cpu_tile_epilogues",
         "triton": "triton_tile_epilogues",
         "cuda": "cuda_tile_epilogues",
+        "cuda_emulated": "cuda_emulated_tile_epilogues",
     },
 }
 

@@ -96,7 +96,8 @@ def linear_sequence_logps(
         cache_budget_bytes: when the whole `[N_valid, V]` set of tiles fits in this many bytes,
             forward keeps them and backward skips the GEMM recompute (0, the default: never).
         backend: "auto" (Triton on CUDA, C++ on CPU), "triton", "cuda", "cpu", "reference"
-            (full logits through `dk.reference`).
+            (full logits through `dk.reference`) or "cuda_emulated" (the CUDA tile epilogues run
+            on CPU tensors by their host emulation: slow, for tests; never chosen by "auto").
         process_group: vocabulary parallelism (None: off). `weight` `[V_local, H]` (and `bias`
             `[V_local]`) are this rank's rows `[vocab_start, vocab_end)` of the full lm_head; hidden
             states, labels and the other arguments are the same on every rank of the group, and

@@ -46,7 +46,7 @@ EXTRAS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 class LinearConfig(NamedTuple):
     """One call's settings, resolved for its token count (linear_token_logps_op.py builds it)."""
 
-    backend: str  # "cpu" | "triton" | "cuda"
+    backend: str  # "cpu" | "triton" | "cuda" | "cuda_emulated"
     transform: LogitTransform
     chunk_size: int
     compute_dtype: torch.dtype

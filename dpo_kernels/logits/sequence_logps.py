@@ -56,8 +56,9 @@ def sequence_logps(
             afterwards; do not use them again. (For a leaf tensor's `.grad`, autograd copies the
             gradient anyway; the saving is real for model outputs or with `torch.autograd.grad`.)
             The reference backend ignores it.
-        backend: "auto" (Triton on CUDA, the C++ kernel on CPU), "triton", "cuda", "cpu" or
-            "reference" (the unfused PyTorch computation).
+        backend: "auto" (Triton on CUDA, the C++ kernel on CPU), "triton", "cuda", "cpu",
+            "reference" (the unfused PyTorch computation) or "cuda_emulated" (the CUDA kernels run
+            on CPU tensors by their host emulation: slow, for tests; never chosen by "auto").
         process_group: vocabulary parallelism (None: off). `logits` `[..., V_local]` are this
             rank's columns `[vocab_start, vocab_end)` of the full logits (with both None, an even
             split: every rank holds V_local columns, rank r `[r * V_local, (r + 1) * V_local)`);

@@ -59,27 +59,38 @@ def test_cuda_device_count_without_crash():
         assert "no CUDA device" in unavailable_reason("cuda")
 
 
-def test_cuda_entry_points_reject_bad_arguments_before_launching():
-    # Host-side checks run before any CUDA call, so they hold without a GPU or driver.
-    ext = _built_cuda_extension()
+@pytest.mark.parametrize("prefix", ["cuda_", "cuda_emulated_"])
+def test_cuda_entry_points_reject_bad_arguments_before_launching(prefix):
+    # Host-side checks run before any CUDA call, so they hold without a GPU or driver; the host
+    # emulation (cuda_emulated_*, built without nvcc too) runs the same launchers.
+    if prefix == "cuda_":
+        ext = _built_cuda_extension()
+    else:
+        ext = extension.load()
+        if not hasattr(ext, "cuda_emulated_token_logps_forward"):
+            pytest.skip("this build has no CUDA host emulation")
+
+    def entry(kernel):
+        return getattr(ext, prefix + kernel)
+
     rows = dict(S=1, T=1, V=8, stride_s=8, stride_t=8, targets=0, ignore_index=-100)
     with pytest.raises(ValueError, match="float64"):
-        ext.cuda_token_logps_forward(logits=0, dtype=ext.DTYPE_FLOAT64, token_logps=0, row_stats=0, stats=0, stream=0,
-                                     **rows)
+        entry("token_logps_forward")(logits=0, dtype=ext.DTYPE_FLOAT64, token_logps=0, row_stats=0, stats=0,
+                                     stream=0, **rows)
     with pytest.raises(ValueError, match="dtype code"):
-        ext.cuda_token_logps_backward(logits=0, dtype=99, row_stats=0, grad=0, entropy_grad=0, entropy=0, out=0,
+        entry("token_logps_backward")(logits=0, dtype=99, row_stats=0, grad=0, entropy_grad=0, entropy=0, out=0,
                                       out_stride_s=8, out_stride_t=8, stream=0, **rows)
     with pytest.raises(ValueError, match="entropy_grad and entropy must be given together"):
-        ext.cuda_token_logps_backward(logits=0, dtype=ext.DTYPE_FLOAT32, row_stats=0, grad=0, entropy_grad=8,
+        entry("token_logps_backward")(logits=0, dtype=ext.DTYPE_FLOAT32, row_stats=0, grad=0, entropy_grad=8,
                                       entropy=0, out=0, out_stride_s=8, out_stride_t=8, stream=0, **rows)
     with pytest.raises(ValueError, match="aligned"):
-        ext.cuda_token_logps_forward(logits=2, dtype=ext.DTYPE_FLOAT32, token_logps=0, row_stats=0, stats=0, stream=0,
-                                     **rows)
+        entry("token_logps_forward")(logits=2, dtype=ext.DTYPE_FLOAT32, token_logps=0, row_stats=0, stats=0,
+                                     stream=0, **rows)
     with pytest.raises(ValueError, match="required"):
-        ext.cuda_tile_fold_stats(tile=0, dtype=ext.DTYPE_BFLOAT16, rows=4, chunk=8, ld=8, v0=0, targets=0,
+        entry("tile_fold_stats")(tile=0, dtype=ext.DTYPE_BFLOAT16, rows=4, chunk=8, ld=8, v0=0, targets=0,
                                  max=0, sum_exp=0, target_logit=0)
     with pytest.raises(ValueError, match="ld >= chunk"):
-        ext.cuda_tile_logits_grad(tile=0, dtype=ext.DTYPE_FLOAT32, rows=4, chunk=8, ld=4, v0=0, targets=0,
+        entry("tile_logits_grad")(tile=0, dtype=ext.DTYPE_FLOAT32, rows=4, chunk=8, ld=4, v0=0, targets=0,
                                   row_stats=0, grad=0)
 
 

@@ -31,8 +31,9 @@ import torch
 import dpo_kernels as dk
 from dpo_kernels.backends.availability import triton_interpreting, unavailable_reason
 
-ALL_BACKENDS = ("cpu", "triton", "cuda", "reference")
-KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+# cuda_emulated: the CUDA C++ kernels run on CPU tensors by their host emulation (csrc/cuda/host_emulation/).
+ALL_BACKENDS = ("cpu", "triton", "cuda", "reference", "cuda_emulated")
+KERNEL_BACKENDS = ("cpu", "triton", "cuda", "cuda_emulated")
 FLOAT64_BACKENDS = ("cpu", "reference")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -50,7 +51,7 @@ def backend_params(backends: Sequence[str] = ALL_BACKENDS) -> List:
     params = []
     for device in ("cpu", "cuda"):
         for name in backends:
-            if (name, device) in (("cuda", "cpu"), ("cpu", "cuda")):
+            if (name, device) in (("cuda", "cpu"), ("cpu", "cuda"), ("cuda_emulated", "cuda")):
                 continue  # never usable: these pairings are covered by the error tests
             marks = [pytest.mark.gpu] if device == "cuda" else []
             params.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))

@@ -20,7 +20,7 @@ from python_tests.helpers.linear import (
     run_linear_reference,
     unit_error,
 )
-from python_tests.helpers.logps import backend_params, require_backend, supports_dtype
+from python_tests.helpers.logps import KERNEL_BACKENDS, backend_params, require_backend, supports_dtype
 
 ALL_EXTRAS = EXTRA_NAMES
 
@@ -93,7 +93,7 @@ def _check_top1(got, expected, inputs, case):
     assert decided.float().mean() > 0.8  # the check covers most tokens
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(KERNEL_BACKENDS))
 def test_autocast_computes_in_the_autocast_dtype(backend, device):
     """fp32 inputs under autocast(bf16): the GEMMs run in bf16 (as the model's own lm_head would),
     gradients come back fp32, and the result matches the reference on the bf16-rounded inputs."""
@@ -119,7 +119,7 @@ def test_autocast_computes_in_the_autocast_dtype(backend, device):
     assert (out.logps - fp32_out.logps).abs().max() > 100 * unit_error(torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(KERNEL_BACKENDS))
 def test_cache_and_chunk_size_do_not_change_results(backend, device):
     """Cached tiles, recomputed tiles and any chunk size give the same numbers up to fp32 rounding
     of the GEMM splits (identical GEMM rows: each logit is computed the same way)."""
@@ -137,7 +137,7 @@ def test_cache_and_chunk_size_do_not_change_results(backend, device):
             torch.testing.assert_close(grads[name], base_grads[name], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(KERNEL_BACKENDS))
 def test_second_backward_with_retain_graph_recomputes(backend, device):
     """The cached tiles are consumed by the first backward; a second one (retain_graph) recomputes."""
     require_backend(backend, device)

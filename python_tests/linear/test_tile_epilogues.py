@@ -19,6 +19,7 @@ import torch
 from dpo_kernels.backends.kernel_table import kernel_module
 from dpo_kernels.backends.tile_epilogue import LogitTransform, TileStats
 from python_tests.helpers.logps import ACC_ROUNDINGS, LOW_PRECISION, backend_params, require_backend, tolerance
+from python_tests.helpers.logps import KERNEL_BACKENDS
 
 TRANSFORMS = {
     "identity": LogitTransform(),
@@ -93,14 +94,33 @@ CASES = [
 ]
 
 
+# Chunks that take several warps per row in the fold (2 and 16 warps) and several spans per row in
+# the gradient (2 and 5 spans) in the CUDA kernels; rows are misaligned (the tiles' row stride is
+# chunk + pad). For the compiled kernels only (Triton's interpreter would take minutes).
+LARGE_CASES = [
+    (3, 9001, 4600, torch.float32),
+    (2, 40000, 33000, torch.bfloat16),
+]
+LARGE_CASE_BACKENDS = ("cpu", "cuda", "cuda_emulated")
+
+
 def _case_id(case):
     rows, V, chunk, dtype = case
     return f"{rows}x{V}-c{chunk}-{str(dtype).replace('torch.', '')}"
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+def _tile_params():
+    """(backend, device, case): CASES on every kernel backend, LARGE_CASES on the compiled ones."""
+    params = []
+    for bp in backend_params(KERNEL_BACKENDS):
+        backend = bp.values[0]
+        for case in CASES + (LARGE_CASES if backend in LARGE_CASE_BACKENDS else []):
+            params.append(pytest.param(*bp.values, case, id=f"{bp.id}-{_case_id(case)}", marks=bp.marks))
+    return params
+
+
+@pytest.mark.parametrize("backend,device,case", _tile_params())
 @pytest.mark.parametrize("transform_name", list(TRANSFORMS))
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("extras", [False, True], ids=["lean", "extras"])
 def test_fold_tile_matches_float64(backend, device, transform_name, case, extras):
     require_backend(backend, device)
@@ -156,9 +176,8 @@ def test_fold_tile_matches_float64(backend, device, transform_name, case, extras
     assert torch.equal(is_top1, exact["is_top1"])
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device,case", _tile_params())
 @pytest.mark.parametrize("transform_name", list(TRANSFORMS))
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
 def test_tile_logits_grad_matches_float64(backend, device, transform_name, case, with_entropy):
     require_backend(backend, device)
@@ -214,7 +233,7 @@ def test_tile_logits_grad_matches_float64(backend, device, transform_name, case,
     assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(KERNEL_BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
 def test_zero_gradient_rows_are_not_read(backend, device, dtype):
     """Rows with g == 0 (and no entropy gradient) become zeros even when the tile holds NaN there."""

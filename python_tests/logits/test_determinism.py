@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from python_tests.helpers.logps import Case, backend_params, make_inputs, require_backend, run_backend, supports_dtype
+from python_tests.helpers.logps import KERNEL_BACKENDS
 
 CPU_CASES = [
     Case(4, 16, 5001, torch.float32, mask="prompt_padding", shift=True, weights=True),
@@ -37,7 +38,7 @@ def _assert_bitwise_equal(a, b):
 
 def _params():
     out = []
-    for bp in backend_params(("cpu", "triton", "cuda")):
+    for bp in backend_params(KERNEL_BACKENDS):
         backend, device = bp.values
         cases = CPU_CASES if backend == "cpu" else SMALL_CASES
         if device == "cuda":

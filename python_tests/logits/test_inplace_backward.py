@@ -12,6 +12,7 @@ import torch
 
 import dpo_kernels as dk
 from python_tests.helpers.logps import Case, backend_params, make_inputs, require_backend, run_backend, supports_dtype
+from python_tests.helpers.logps import KERNEL_BACKENDS
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 
@@ -34,7 +35,7 @@ CASES = [
 
 def _params():
     out = []
-    for bp in backend_params(("cpu", "triton", "cuda")):
+    for bp in backend_params(KERNEL_BACKENDS):
         backend, device = bp.values
         for case in CASES:
             if supports_dtype(backend, case.dtype):
@@ -81,7 +82,7 @@ def test_inplace_gradient_lands_in_logits_storage(backend, device, case):
         assert view.storage_offset() > 0
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(KERNEL_BACKENDS))
 def test_inplace_backward_needs_non_overlapping_rows(backend, device):
     """An expanded (stride 0) logits tensor cannot receive its gradient in place: a clear error
     naming the argument, before any kernel runs."""
@@ -92,7 +93,7 @@ def test_inplace_backward_needs_non_overlapping_rows(backend, device):
         dk.sequence_logps(x.expand(4, 3, 50), labels, inplace_backward=True, backend=backend)
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(KERNEL_BACKENDS))
 def test_inplace_forward_leaves_logits_alone(backend, device):
     """Only the backward writes: after the forward (and without any backward) the logits are
     bitwise what they were."""
@@ -105,7 +106,7 @@ def test_inplace_forward_leaves_logits_alone(backend, device):
     assert torch.equal(x.detach(), before)
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(KERNEL_BACKENDS))
 def test_inplace_backward_reuse_of_the_logits_is_caught_not_silent(backend, device):
     """Once the gradient overwrote the logits, autograd must refuse to use them again (the custom
     op declares the mutation, so the version counter trips) rather than compute a wrong number."""

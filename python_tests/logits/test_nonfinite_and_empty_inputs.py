@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dpo_kernels as dk
-from python_tests.helpers.logps import backend_params, require_backend
+from python_tests.helpers.logps import KERNEL_BACKENDS, backend_params, require_backend
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -34,7 +34,7 @@ def test_nan_in_an_unmasked_row_propagates_and_stays_in_its_row(backend, device,
     assert grad[0, 1].isnan().any() and torch.equal(grad[1], torch.zeros_like(grad[1]))
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(KERNEL_BACKENDS))
 @pytest.mark.parametrize("garbage", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 def test_masked_positions_are_never_read(backend, device, garbage):
     """Positions whose label is ignore_index are excluded everywhere (docs/design.md, section 3): whatever

@@ -156,7 +156,7 @@ RANDOM_CASES = _random_cases(120, seed=_SEED)
 RANDOM_LARGE_CASES = _random_large_cases(30, seed=_SEED + 1)
 
 
-def _params(cases, backends=("cpu", "triton", "cuda", "reference")):
+def _params(cases, backends=("cpu", "triton", "cuda", "reference", "cuda_emulated")):
     out = []
     for bp in backend_params(backends):
         backend, device = bp.values
@@ -184,13 +184,13 @@ def test_random_cases_match_reference(backend, device, case):
     _check(backend, device, case)
 
 
-@pytest.mark.parametrize("backend,device,case", _params(LARGE_V_CASES, backends=("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device,case", _params(LARGE_V_CASES, backends=("cpu", "triton", "cuda", "cuda_emulated")))
 def test_vocabulary_spanning_several_chunks_matches_reference(backend, device, case):
     _check(backend, device, case)
 
 
 @pytest.mark.parametrize(
-    "backend,device,case", _params(RANDOM_LARGE_CASES, backends=("cpu", "cuda"))
+    "backend,device,case", _params(RANDOM_LARGE_CASES, backends=("cpu", "cuda", "cuda_emulated"))
 )
 def test_random_large_cases_match_reference(backend, device, case):
     _check(backend, device, case)

@@ -142,7 +142,8 @@ def test_devices_mismatch():
 @pytest.mark.parametrize("backend", ["gpu", "Triton", "torch", "", None, 3])
 def test_unknown_backend_name(backend):
     logits, labels = _good()
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'cuda', 'cpu', 'reference'\)"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'cuda', 'cpu', 'reference', "
+                                         r"'cuda_emulated'\)"):
         dk.sequence_logps(logits, labels, backend=backend)
 
 

@@ -1,0 +1,3 @@
+// csrc/cuda/tile_epilogues.cu built unchanged by the host compiler for the emulation (see cuda_emulation.h).
+#include "cuda/host_emulation/cuda_emulation.h"
+#include "cuda/tile_epilogues.cu"
