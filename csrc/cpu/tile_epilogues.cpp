@@ -13,6 +13,7 @@
 
 #include "../common/online_lse.h"
 #include "../common/softmax_moments.h"
+#include "omp_threads.h"
 #include "row_extras.h"
 #include "vec_math.h"
 
@@ -32,15 +33,6 @@ size_t element_size(DType dtype) {
     case DType::Float32: return 4;
     default: return 2;
   }
-}
-
-int resolve_threads(int num_threads) {
-#ifdef _OPENMP
-  return num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-  return 1;
-#endif
 }
 
 bool run_parallel(const TileView& tile) { return tile.rows > 1 && tile.rows * tile.chunk >= kMinParallelElements; }

@@ -11,6 +11,7 @@
 #include <omp.h>
 #endif
 
+#include "omp_threads.h"
 #include "row_extras.h"
 #include "vec_math.h"
 
@@ -60,15 +61,6 @@ void store_element(char* row, DType dtype, int64_t v, Acc value) {
     case DType::BFloat16: reinterpret_cast<uint16_t*>(row)[v] = float_to_bf16(static_cast<float>(value)); break;
     case DType::Float16: reinterpret_cast<uint16_t*>(row)[v] = float_to_fp16(static_cast<float>(value)); break;
   }
-}
-
-int resolve_threads(int num_threads) {
-#ifdef _OPENMP
-  return num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-  return 1;
-#endif
 }
 
 [[noreturn]] void throw_invalid_label(const TokenRows& rows, int64_t row) {
