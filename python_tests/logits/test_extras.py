@@ -105,7 +105,7 @@ def assert_within(name, got, want, bound):
     assert (err <= bound).all(), f"{name}: max error {float(err.max()):.3e}, worst excess over the bound {worst:.3e}"
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda", "cuda_emulated")))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_extras_and_gradients_match_float64_oracle(backend, device, case):
     require_backend(backend, device)
@@ -151,7 +151,7 @@ def test_extras_and_gradients_match_float64_oracle(backend, device, case):
     assert_within("grad logits", got_grad, want_grad, bound)
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda", "cuda_emulated")))
 def test_extras_do_not_change_log_probs_and_only_requested_are_returned(backend, device):
     require_backend(backend, device)
     x, labels = make_inputs(ExtrasCase(T=4, V=70))
@@ -165,7 +165,7 @@ def test_extras_do_not_change_log_probs_and_only_requested_are_returned(backend,
     assert not some.is_top1.requires_grad
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda", "cuda_emulated")))
 def test_inplace_backward_with_entropy_equals_fresh_buffer(backend, device):
     require_backend(backend, device)
     case = ExtrasCase(T=4, V=70)
