@@ -14,10 +14,9 @@ from .. import reference, validation
 from ..backends.availability import resolve_backend
 from ..distributed import sharded_weights
 from ..distributed.vocab_shard import resolve_vocab_shard
-from ..outputs import LogpsOutput
+from ..outputs import EXTRAS, LogpsOutput
 from ..sequence_reduction import aligned_targets, aligned_weights, reduce_to_sequences
 from . import linear_token_logps_op
-from .linear_token_logps import EXTRAS
 from .linear_token_logps_op import LinearOptions
 from .scored_positions_op import scored_positions
 
@@ -28,15 +27,6 @@ def _check_positive(name: str, value, *, allow_none: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
         expected = "a positive finite number" + (" or None" if allow_none else "")
         raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def _check_extras(extras) -> tuple:
-    if isinstance(extras, str) or not isinstance(extras, Sequence) and not isinstance(extras, (set, frozenset)):
-        raise TypeError(f"extras must be a sequence of names from {EXTRAS}, got {extras!r}")
-    unknown = [e for e in extras if e not in EXTRAS]
-    if unknown:
-        raise ValueError(f"extras must be names from {EXTRAS}, got unknown {unknown}")
-    return tuple(e for e in EXTRAS if e in extras)
 
 
 def compute_dtype_of(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -161,7 +151,7 @@ def linear_sequence_logps(
     _check_positive("temperature", temperature)
     _check_positive("logit_scale", logit_scale)
     _check_positive("softcap", softcap, allow_none=True)
-    extras = _check_extras(extras)
+    extras = validation.check_extras(extras)
     if chunk_size is not None:
         validation.check_int("chunk_size", chunk_size)
         if chunk_size < 1:

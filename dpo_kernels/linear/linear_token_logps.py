@@ -39,8 +39,7 @@ import torch
 from ..backends.kernel_table import kernel_module
 from ..backends.tile_epilogue import LogitTransform, TileStats
 from ..distributed.combine import all_reduce_, combine_tile_stats
-
-EXTRAS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+from ..outputs import EXTRAS  # noqa: F401  (re-exported: the order of the extras outputs)
 
 
 class LinearConfig(NamedTuple):
